@@ -1,0 +1,38 @@
+"""tunelab: fine-tune pre-trained language models from one YAML file.
+
+    import tunelab
+    cfg = tunelab.load_config("configs/demo.yaml", ["training.epochs=1"])
+    result = tunelab.train(cfg)
+    model, tokenizer = tunelab.load_for_inference(result.run_dir)
+    print(tunelab.generate(model, tokenizer, ["Hello!"]))
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from tunelab.config import RunConfig, load_config
+from tunelab.errors import TunelabError
+
+
+def train(config, overrides: list[str] | None = None, resume: bool | str | None = None, quiet: bool = False):
+    """Run a fine-tune from a RunConfig, a YAML path or a dict; returns a TrainResult(run_dir, summary)."""
+    from tunelab.train.loop import train as _train
+
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    return _train(cfg, resume=resume, quiet=quiet)
+
+
+def load_for_inference(target):
+    from tunelab.generate import load_for_inference as _load
+
+    return _load(target)
+
+
+def generate(model, tokenizer, prompts, **kwargs):
+    from tunelab.generate import generate as _generate
+
+    return _generate(model, tokenizer, prompts, **kwargs)
+
+
+__all__ = ["RunConfig", "TunelabError", "generate", "load_config", "load_for_inference", "train"]

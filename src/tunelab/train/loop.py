@@ -1,0 +1,343 @@
+"""The training loop, top to bottom: setup -> (resume) -> fit -> save.
+
+    from tunelab import load_config, train
+    result = train(load_config("configs/demo.yaml"))
+
+Every input a user controls is validated before the run directory is created, so a bad row or key leaves nothing
+behind. The loop is deterministic for a seed: the example order of each epoch depends only on (seed, epoch), and a
+checkpoint stores every RNG state and the loop position, so a resumed run repeats the uninterrupted run's losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tunelab.config import RunConfig
+from tunelab.data.dataset import PreparedData, batches_of, collate, epoch_order, prepare_data
+from tunelab.data.tokenize import Encoded
+from tunelab.errors import TunelabError
+from tunelab.methods import attach_method, count_parameters
+from tunelab.models.loading import ModelSource, load_model, load_tokenizer, resolve_model
+from tunelab.train.checkpoint import clean_partial, list_checkpoints, load_checkpoint, load_trainable_state, save_checkpoint, trainable_state
+from tunelab.train.loss import causal_lm_loss
+from tunelab.train.progress import TrainProgress
+from tunelab.train.run_dir import MetricsLog, plot_loss, write_json_atomic
+from tunelab.train.schedule import build_scheduler
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    summary: dict
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Devices and precision
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TunelabError("training.device: cuda requested but no CUDA GPU is visible; use device: auto or cpu")
+    return torch.device(name)
+
+
+def cpu_supports_bf16() -> bool:
+    """True on CPUs with native bf16 matmul (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_precision(name: str, device: torch.device, cpu_bf16: bool | None = None) -> torch.dtype | None:
+    """The autocast dtype for the forward pass, or None for plain fp32. Master weights stay fp32 either way."""
+    if name == "fp32":
+        return None
+    if device.type == "cuda":
+        bf16_ok = torch.cuda.is_bf16_supported()
+    elif device.type == "cpu":
+        bf16_ok = cpu_supports_bf16() if cpu_bf16 is None else cpu_bf16
+    else:
+        bf16_ok = False
+    if name == "auto":
+        return torch.bfloat16 if bf16_ok else None
+    if name == "bf16":
+        if not bf16_ok:
+            raise TunelabError(f"training.precision: bf16 is not supported on this {device.type}; use precision: auto or fp32")
+        return torch.bfloat16
+    if device.type != "cuda":
+        raise TunelabError("training.precision: fp16 needs a CUDA GPU; use precision: auto")
+    return torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: list[Encoded], batch_size: int, pad_id: int, device, dtype) -> float:
+    """Token-weighted mean loss over examples (batched by length so padding is small)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    ordered = sorted(examples, key=lambda e: len(e.input_ids))
+    for i in range(0, len(ordered), batch_size):
+        batch = {k: v.to(device) for k, v in collate(ordered[i : i + batch_size], pad_id).items()}
+        with autocast(device, dtype):
+            loss, n = causal_lm_loss(model, batch)
+        total, count = total + float(loss), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Setup
+
+
+def _prepare_run_dir(cfg: RunConfig, resume: bool | str) -> tuple[Path, Path | None]:
+    """Decide between a fresh run and a resume; refuse to clobber an existing run unless asked to."""
+    run_dir = Path(cfg.output.dir)
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    if resume:
+        if checkpoints:
+            return run_dir, checkpoints[-1]
+        if resume is True:
+            raise TunelabError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; run without --resume to start fresh")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not cfg.output.overwrite:
+            raise TunelabError(
+                f"output.dir: {run_dir} already holds a run; pass --resume to continue it, "
+                "output.overwrite=true to replace it, or choose another output.dir"
+            )
+        shutil.rmtree(run_dir)
+    return run_dir, None
+
+
+def _optimizer(model, cfg) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = {"fused": True} if next(model.parameters()).device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), **fused)
+
+
+def plan_steps(data: PreparedData, cfg) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps)."""
+    n_batches = math.ceil(len(data.train) / cfg.batch_size)
+    per_epoch = math.ceil(n_batches / cfg.gradient_accumulation)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
+    return per_epoch, total
+
+
+def save_model(model, tokenizer, out: Path) -> None:
+    """Final weights (adapter for LoRA, full model otherwise) with the tokenizer and chat template, atomically."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False) -> TrainResult:
+    """Fine-tune `cfg.model` on `cfg.data` with `cfg.method`; write the run directory; return its summary.
+
+    Raises:
+        TunelabError: bad data row, unknown model, impossible method/model pair, existing run directory.
+    """
+    t = cfg.training
+    resume = cfg.resume if resume is None else resume
+    seed_everything(t.seed)
+
+    # 1. Everything a user can get wrong, checked before anything is written.
+    source: ModelSource = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(source)
+    data = prepare_data(cfg.data, tokenizer, t.seed)
+    device = pick_device(t.device)
+    dtype = pick_precision(t.precision, device)
+    run_dir, checkpoint = _prepare_run_dir(cfg, resume)
+    model = load_model(source)
+    model.config.use_cache = False
+    torch.manual_seed(t.seed)  # method init (LoRA A matrices) is seeded independently of loading
+    model = attach_method(model, cfg.method).to(device)
+    model.train()
+
+    # 2. Optimizer, schedule, plan.
+    per_epoch, total_steps = plan_steps(data, t)
+    warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total_steps)
+    optimizer = _optimizer(model, t)
+    scheduler = build_scheduler(optimizer, total_steps, warmup, t.schedule)
+    pad_id = tokenizer.pad_token_id
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    clean_partial(run_dir / "checkpoints")
+    state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_eval": None, "bad_evals": 0, "tokens": 0, "trained_tokens": 0, "elapsed": 0.0}
+    best: dict | None = None
+    if checkpoint is not None:
+        state, best = load_checkpoint(checkpoint, model, optimizer, scheduler)
+    log = MetricsLog(run_dir, resume_step=state["step"] if checkpoint is not None else None)
+    trainable, total_params = count_parameters(model)
+    progress = TrainProgress(total_steps, quiet=quiet)
+    progress.header(
+        f"{cfg.method.name} on {source.spec} ({trainable:,} of {total_params:,} params trainable) | "
+        f"{len(data.train)} train / {len(data.validation)} eval examples | {total_steps} steps | "
+        f"{device.type} {'bf16' if dtype == torch.bfloat16 else 'fp16' if dtype == torch.float16 else 'fp32'}"
+        + (f" | resumed at step {state['step']}" if checkpoint is not None else "")
+    )
+
+    def evaluate() -> float | None:
+        if not data.validation:
+            return None
+        return evaluate_loss(model, data.validation, t.batch_size, pad_id, device, dtype)
+
+    def checkpoint_now() -> None:
+        save_checkpoint(run_dir / "checkpoints", state["step"], model, optimizer, scheduler, state, t.keep_last, best)
+
+    step_delay = float(os.environ.get("TUNELAB_STEP_DELAY", "0") or 0)  # crash-recovery tests kill a slowed run
+    started = time.perf_counter() - state["elapsed"]
+    last_train_loss = None
+    stop = state["step"] >= total_steps
+    # 3. Fit.
+    with progress:
+        while not stop:
+            order = epoch_order(len(data.train), t.seed, state["epoch"])
+            micro = batches_of(order, t.batch_size)
+            steps = [micro[i : i + t.gradient_accumulation] for i in range(0, len(micro), t.gradient_accumulation)]
+            for step_batches in steps[state["step_in_epoch"] :]:
+                tick = time.perf_counter()
+                batches = [collate([data.train[i] for i in b], pad_id) for b in step_batches]
+                n_trained = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+                loss_sum, tokens = 0.0, 0
+                for batch in batches:
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    with autocast(device, dtype):
+                        loss, _ = causal_lm_loss(model, batch)
+                    (loss / n_trained).backward()
+                    loss_sum += float(loss)
+                    tokens += int(batch["attention_mask"].sum())
+                grad_norm = None
+                if t.max_grad_norm is not None:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_((p for p in model.parameters() if p.requires_grad), t.max_grad_norm))
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] += 1
+                state["step_in_epoch"] += 1
+                state["tokens"] += tokens
+                state["trained_tokens"] += n_trained
+                last_train_loss = loss_sum / n_trained
+                dt = time.perf_counter() - tick
+                record = {"step": state["step"], "epoch": round(state["epoch"] + state["step_in_epoch"] / len(steps), 4),
+                          "train_loss": round(last_train_loss, 6), "lr": lr, "tokens_per_s": round(tokens / dt, 1)}
+                if grad_norm is not None:
+                    record["grad_norm"] = round(grad_norm, 6)
+                end_of_epoch = state["step_in_epoch"] == len(steps)
+                done = state["step"] >= total_steps
+                if (t.eval_every and state["step"] % t.eval_every == 0) or end_of_epoch or done:
+                    eval_loss = evaluate()
+                    if eval_loss is not None:
+                        record["eval_loss"] = round(eval_loss, 6)
+                        improved = state["best_eval"] is None or eval_loss < state["best_eval"] - (t.early_stopping.min_delta if t.early_stopping else 0.0)
+                        if improved:
+                            state["best_eval"], state["bad_evals"] = eval_loss, 0
+                            if t.early_stopping:
+                                best = trainable_state(model)
+                        else:
+                            state["bad_evals"] += 1
+                        if t.early_stopping and state["bad_evals"] >= t.early_stopping.patience:
+                            state["stopped_early"] = True
+                            done = True
+                if state["step"] % t.log_every == 0 or "eval_loss" in record or done:
+                    log.log(record)
+                progress.update(state["step"], record)
+                if end_of_epoch:
+                    state["epoch"] += 1
+                    state["step_in_epoch"] = 0
+                state["elapsed"] = time.perf_counter() - started
+                if (t.save_every and state["step"] % t.save_every == 0) or done:
+                    checkpoint_now()
+                if step_delay:
+                    time.sleep(step_delay)
+                if done:
+                    stop = True
+                    break
+
+    # 4. Save: restore the best weights when early stopping kept them, then the final model and the summary.
+    if best is not None and t.early_stopping:
+        load_trainable_state(model, best)
+    final_eval = evaluate()
+    save_model(model, tokenizer, run_dir / "model")
+    records = log.records()
+    log.close()
+    plot_loss(records, run_dir / "loss_curve.png")
+    wall = time.perf_counter() - started
+    train_losses = [r["train_loss"] for r in records if "train_loss" in r]
+    summary = {
+        "model": cfg.model,
+        "base_model_path": source.path,
+        "method": cfg.method.name,
+        "data_format": data.format,
+        "train_examples": len(data.train),
+        "eval_examples": len(data.validation),
+        "truncated_examples": data.truncated,
+        "trainable_params": trainable,
+        "total_params": total_params,
+        "steps": state["step"],
+        "epochs": round(state["epoch"] + state["step_in_epoch"] / max(per_epoch, 1), 4),
+        "stopped_early": bool(state.get("stopped_early")),
+        "tokens_trained": state["tokens"],
+        "loss_tokens": state["trained_tokens"],
+        "wall_time_s": round(wall, 2),
+        "tokens_per_s": round(state["tokens"] / max(state["elapsed"], 1e-9), 1),
+        "final_train_loss": train_losses[-1] if train_losses else last_train_loss,
+        "final_eval_loss": round(final_eval, 6) if final_eval is not None else None,
+        "eval_perplexity": round(math.exp(final_eval), 4) if final_eval is not None else None,
+        "best_eval_loss": state["best_eval"],
+        "precision": "bf16" if dtype == torch.bfloat16 else "fp16" if dtype == torch.float16 else "fp32",
+        "device": device.type,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+    }
+    write_json_atomic(run_dir / "summary.json", summary)
+    progress.footer(summary, run_dir)
+    return TrainResult(run_dir, summary)

@@ -1,0 +1,42 @@
+"""The causal-LM loss, computed only where labels are trained.
+
+The LM head runs on the hidden states of trained positions only, so prompt tokens and padding produce no logits
+(for a 49k vocabulary that is most of the memory of a naive forward). Returns the summed loss and the token count so
+gradient accumulation can normalise by the tokens of the whole optimizer step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.data.tokenize import IGNORE
+
+
+def _backbone_and_head(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        decoder = base.get_decoder()
+    except (AttributeError, NotImplementedError):
+        decoder = None
+    head = base.get_output_embeddings()
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    return decoder, head, softcap
+
+
+def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over trained positions, and how many positions that is."""
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE
+    n = int(keep.sum())
+    decoder, head, softcap = _backbone_and_head(model)
+    if decoder is None or head is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        selected = logits[keep]
+    else:
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        selected = head(hidden[:, :-1][keep])
+        if softcap:
+            selected = torch.tanh(selected / softcap) * softcap
+    loss = F.cross_entropy(selected.float(), labels[keep], reduction="sum")
+    return loss, n
