@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tunelab.errors import TunelabError
 
@@ -44,7 +46,7 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 def _fail(exc: Exception) -> None:
     if _debug:
         raise exc
-    err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+    err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -169,15 +171,18 @@ def demo(
         cfg_dict["output"]["overwrite"] = overwrite
         cfg = load_config(cfg_dict)
         rows = load_test_rows()
+        clock = time.perf_counter()
         err.print(f"[bold]1/3[/bold] scoring the base model on {len(rows)} held-out tickets...")
         base, tokenizer = load_for_inference("default")
         before, _ = evaluate_target(base, tokenizer, rows)
         del base
-        err.print("[bold]2/3[/bold] fine-tuning (LoRA)...")
+        err.print(f"[dim]    {time.perf_counter() - clock:.0f}s[/dim]\n[bold]2/3[/bold] fine-tuning (LoRA)...")
         result = run_train(cfg)
         err.print("[bold]3/3[/bold] scoring the fine-tuned model...")
+        clock = time.perf_counter()
         tuned, tokenizer = load_for_inference(result.run_dir)
         after, preds = evaluate_target(tuned, tokenizer, rows)
+        err.print(f"[dim]    {time.perf_counter() - clock:.0f}s[/dim]")
     except TunelabError as exc:
         _fail(exc)
         return

@@ -13,7 +13,9 @@ Each field's help is written once here; `tunelab config --help-fields` and the d
 
 from __future__ import annotations
 
+import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -182,16 +184,33 @@ def _section_type(annotation: Any, data: dict, path: tuple[str, ...]) -> Any:
     return None
 
 
-def format_validation_error(err: ValidationError, source: str, data: dict, lines: dict[tuple[str, ...], int]) -> str:
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|.*\[.*\])$")
+
+
+def _clean_loc(loc: tuple) -> tuple[str, ...]:
+    """Drop what pydantic adds to locations inside unions: member types (`str`, `list[str]`) and method tags."""
+    parts = [str(p) for p in loc if not _UNION_MEMBER.match(str(p))]
+    if len(parts) >= 2 and parts[0] == "method" and parts[1] in METHOD_NAMES:
+        del parts[1]
+    return tuple(parts)
+
+
+def format_validation_error(
+    err: ValidationError, source: str, data: dict, lines: dict[tuple[str, ...], int], overridden: set | None = None
+) -> str:
     """Turn pydantic's first error into one line: `run.yaml:7: training.learnign_rate: unknown key; did you mean ...`."""
-    e = err.errors()[0]
-    loc = tuple(str(p) for p in e["loc"])
-    # Discriminated unions put the tag into the location (method.lora.r); drop it.
-    if len(loc) >= 2 and loc[0] == "method" and loc[1] in METHOD_NAMES:
-        loc = (loc[0],) + loc[2:]
+    errors = [(_clean_loc(e["loc"]), e) for e in err.errors()]
+    loc, e = errors[0]
+    # A union reports one error per member ("not a string", "not a float", ...); the value error says more.
+    for other_loc, other in errors:
+        if other_loc == loc and not other["type"].endswith("_type"):
+            e = other
+            break
     key = ".".join(loc) or "(top level)"
     line = lines.get(loc)
     prefix = f"{source}:{line}: " if line else f"{source}: "
+    if any(loc[: len(o)] == o for o in overridden or ()):
+        prefix = "command-line override: "
     kind = e["type"]
     if kind == "extra_forbidden":
         valid = _fields_at(loc[:-1], data)
@@ -244,16 +263,29 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     return data
 
 
-def config_from_dict(data: dict, source: str = "config", lines: dict | None = None) -> RunConfig:
+def _plain(value: Any) -> Any:
+    """Paths become strings so the Python API accepts pathlib objects anywhere a path goes."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def config_from_dict(data: dict, source: str = "config", lines: dict | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Validate a plain dict (already YAML-loaded) into a RunConfig, raising a one-line TunelabError."""
     if not isinstance(data, dict):
         raise TunelabError(f"{source}: the config must be a mapping of sections (model, data, method, training, output)")
+    data = _plain(data)
     if isinstance(data.get("model"), (int, float)):
         data["model"] = str(data["model"])
+    if isinstance(data.get("method"), dict) and "name" not in data["method"]:
+        data["method"]["name"] = "lora"  # the default method, so `method: {r: 8}` means LoRA with r=8
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise TunelabError(format_validation_error(err, source, data, lines or {})) from None
+        overridden = {tuple(path) for path, _ in parse_overrides(overrides)}
+        raise TunelabError(format_validation_error(err, source, data, lines or {}, overridden)) from None
 
 
 def load_config(path: str | Path | dict, overrides: list[str] | None = None) -> RunConfig:
@@ -265,7 +297,7 @@ def load_config(path: str | Path | dict, overrides: list[str] | None = None) -> 
         TunelabError: the file is missing or not YAML, a key is unknown, a value has the wrong type or range.
     """
     if isinstance(path, dict):
-        return config_from_dict(apply_overrides(dict(path), overrides), "config")
+        return config_from_dict(apply_overrides(copy.deepcopy(path), overrides), "config", overrides=overrides)
     p = Path(path)
     if not p.is_file():
         raise TunelabError(f"{p}: config file not found; pass the path of a run YAML (see configs/)")
@@ -285,4 +317,4 @@ def load_config(path: str | Path | dict, overrides: list[str] | None = None) -> 
     if not isinstance(data, dict):
         raise TunelabError(f"{p}: the config must be a mapping of sections (model, data, method, training, output)")
     apply_overrides(data, overrides)
-    return config_from_dict(data, str(p), _yaml_lines(text))
+    return config_from_dict(data, str(p), _yaml_lines(text), overrides)

@@ -65,8 +65,9 @@ def _read_text(path: Path) -> str:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise TunelabError(f"{path}:{line}: not valid UTF-8 (byte {exc.start}); re-save the file as UTF-8") from None
+        offset = exc.start + (3 if raw.startswith(b"\xef\xbb\xbf") else 0)  # utf-8-sig counts after the BOM
+        line = raw[:offset].count(b"\n") + 1
+        raise TunelabError(f"{path}:{line}: not valid UTF-8 (byte {offset}); re-save the file as UTF-8") from None
     if not text.strip():
         raise TunelabError(f"{path}: the file is empty; add rows or remove it from the data config")
     return text
@@ -131,19 +132,19 @@ def _csv(path: Path, text: str, delimiter: str) -> Iterator[Record]:
     header = reader.fieldnames or []
     if not header or any(not (h or "").strip() for h in header):
         raise TunelabError(f"{path}:1: the CSV header has empty column names; the first line must name every column")
-    start = 1
+    first = 2
     try:
         for row in reader:
+            # line_num is where the row ended; quoted fields with newlines make it span several lines.
+            first = reader.line_num - sum(v.count("\n") for v in row.values() if isinstance(v, str))
             if None in row:
-                raise TunelabError(f"{path}:{reader.line_num}: more values than header columns; quote fields that contain '{delimiter}'")
+                raise TunelabError(f"{path}:{first}: more values than header columns; quote fields that contain '{delimiter}'")
             if any(v is None for v in row.values()):
-                raise TunelabError(f"{path}:{reader.line_num}: fewer values than header columns ({len(header)} expected)")
-            if not any((v or "").strip() for v in row.values()):
-                continue
-            yield Record(str(path), reader.line_num, {k.strip(): v for k, v in row.items()})
-            start = reader.line_num
+                raise TunelabError(f"{path}:{first}: fewer values than header columns ({len(header)} expected)")
+            if any((v or "").strip() for v in row.values()):
+                yield Record(str(path), first, {k.strip(): v for k, v in row.items()})
     except csv.Error as exc:
-        raise TunelabError(f"{path}:{start + 1}: malformed CSV ({exc}); check the quoting") from None
+        raise TunelabError(f"{path}:{first}: malformed CSV ({exc}); check the quoting") from None
 
 
 def read_file(path: Path) -> Iterator[Record]:

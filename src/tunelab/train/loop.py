@@ -95,6 +95,20 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def store_frozen_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Keep frozen linear weights in the autocast dtype, so autocast does not re-cast them every step.
+
+    Only for adapter methods, whose saved result holds no base weights: the rounding matches what autocast applies
+    to every matmul anyway. Weights tied to the input embedding are left alone.
+    """
+    embedding = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and module.weight is not embedding:
+            module.weight.data = module.weight.data.to(dtype)
+            if module.bias is not None and not module.bias.requires_grad:
+                module.bias.data = module.bias.data.to(dtype)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -198,6 +212,8 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
     model.config.use_cache = False
     torch.manual_seed(t.seed)  # method init (LoRA A matrices) is seeded independently of loading
     model = attach_method(model, cfg.method).to(device)
+    if dtype is not None and hasattr(model, "peft_config"):
+        store_frozen_in(model, dtype)
     model.train()
 
     # 2. Optimizer, schedule, plan.
@@ -252,7 +268,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
                     with autocast(device, dtype):
                         loss, _ = causal_lm_loss(model, batch)
                     (loss / n_trained).backward()
-                    loss_sum += float(loss)
+                    loss_sum += float(loss.detach())
                     tokens += int(batch["attention_mask"].sum())
                 grad_norm = None
                 if t.max_grad_norm is not None:
