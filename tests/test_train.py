@@ -44,9 +44,9 @@ def test_run_directory_contents(tiny_model_dir, alpaca_file, tmp_path):
     run = train(load_config(cfg), quiet=True).run_dir
     assert (run / "config.yaml").is_file() and load_config(run / "config.yaml").method.name == "lora"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
-    assert all({"train_loss", "lr", "tokens_per_s"} <= set(r) for r in records)
-    assert [r["step"] for r in records if "eval_loss" in r] == [3, 5, 6]  # every 3 steps, epoch end (5), the end
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5, 6]  # step 0: the untouched model's eval loss
+    assert all({"train_loss", "lr", "tokens_per_s"} <= set(r) for r in records[1:])
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 3, 5, 6]  # every 3 steps, epoch end (5), the end
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
     assert any((run / "tensorboard").iterdir())
     assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -54,6 +54,7 @@ def test_run_directory_contents(tiny_model_dir, alpaca_file, tmp_path):
     assert "chat_template" in (run / "model" / "tokenizer_config.json").read_text() or (run / "model" / "chat_template.jinja").is_file()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["train_examples"] == 18 and summary["eval_examples"] == 6
+    assert summary["initial_eval_loss"] == records[0]["eval_loss"] > summary["final_eval_loss"]
     assert summary["tokens_trained"] > 0 and summary["wall_time_s"] > 0
     assert summary["eval_perplexity"] == pytest.approx(2.718281828 ** summary["final_eval_loss"], rel=1e-4)
 

@@ -107,6 +107,7 @@ class TrainingConfig(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(default="auto", description="Where to train.")
     seed: int = Field(default=0, description="Seeds data order, splits, dropout and initialisation.")
     eval_every: int | None = Field(default=None, ge=1, description="Evaluate every N steps (and always at epoch end).")
+    eval_at_start: bool = Field(default=True, description="Evaluate the untouched model first (logged as step 0).")
     save_every: int | None = Field(default=None, ge=1, description="Checkpoint every N steps (and always at the end).")
     keep_last: int = Field(default=2, ge=1, description="How many checkpoints to keep.")
     log_every: int = Field(default=1, ge=1, description="Write metrics every N steps.")

