@@ -27,7 +27,7 @@ def losses(run_dir: Path) -> list[float]:
 
 
 # Pinned on the CPU build of torch 2.13.0: a 2-layer Llama, LoRA r=4, fp32, seed 0, 4 steps of batch 4.
-EXPECTED_LORA_LOSSES = [5.99924, 5.957914, 5.896673, 5.858027]
+EXPECTED_LORA_LOSSES = [6.002763, 5.952822, 5.890039, 5.860994]
 
 
 def test_seeded_tiny_run_reproduces_exact_losses(tiny_model_dir, alpaca_file, tmp_path):

@@ -93,6 +93,7 @@ class TrainingConfig(Section):
     max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
     batch_size: int = Field(default=8, ge=1, description="Examples per micro-batch.")
     gradient_accumulation: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
+    group_by_length: bool = Field(default=True, description="Batch examples of similar length together (less padding).")
     learning_rate: float = Field(default=2.0e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
     adam_beta1: float = Field(default=0.9, gt=0, lt=1)

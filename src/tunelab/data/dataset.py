@@ -72,6 +72,18 @@ def batches_of(order: list[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def length_grouped_batches(order: list[int], lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Batches of similar-length examples (far less padding), still random: the shuffled order is cut into windows of
+    50 batches, each window is sorted by length and cut into batches, and the batches are shuffled (seeded)."""
+    window = batch_size * 50
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i], reverse=True)
+        batches.extend(batches_of(chunk, batch_size))
+    random.Random(seed * 1_000_003 + epoch + 7).shuffle(batches)
+    return batches
+
+
 def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example; padding gets attention 0 and label IGNORE."""
     width = max(len(e.input_ids) for e in examples)

@@ -163,7 +163,24 @@ def load_tokenizer(source: ModelSource):
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    """HF_HUB_OFFLINE is set, or the hub does not answer within a few seconds (checked once per process)."""
+    global _hub_down
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return True
+    if _hub_down is None:
+        import socket
+        from urllib.parse import urlparse
+
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+        try:
+            socket.create_connection((host, 443), timeout=3).close()
+            _hub_down = False
+        except OSError:  # no route, refused, DNS failure, timeout: fail fast instead of a minute of retries
+            _hub_down = True
+    return _hub_down
+
+
+_hub_down: bool | None = None
 
 
 def load_model(source: ModelSource, dtype=None):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from tunelab.config import RunConfig
-from tunelab.data.dataset import PreparedData, batches_of, collate, epoch_order, prepare_data
+from tunelab.data.dataset import PreparedData, batches_of, collate, epoch_order, length_grouped_batches, prepare_data
 from tunelab.data.tokenize import Encoded
 from tunelab.errors import TunelabError
 from tunelab.methods import attach_method, count_parameters
@@ -34,6 +34,10 @@ from tunelab.train.loss import causal_lm_loss
 from tunelab.train.progress import TrainProgress
 from tunelab.train.run_dir import MetricsLog, plot_loss, write_json_atomic
 from tunelab.train.schedule import build_scheduler
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 6)
 
 
 @dataclass
@@ -222,6 +226,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
     optimizer = _optimizer(model, t)
     scheduler = build_scheduler(optimizer, total_steps, warmup, t.schedule)
     pad_id = tokenizer.pad_token_id
+    lengths = [len(e.input_ids) for e in data.train]
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -261,7 +266,10 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
     with progress:
         while not stop:
             order = epoch_order(len(data.train), t.seed, state["epoch"])
-            micro = batches_of(order, t.batch_size)
+            if t.group_by_length:
+                micro = length_grouped_batches(order, lengths, t.batch_size, t.seed, state["epoch"])
+            else:
+                micro = batches_of(order, t.batch_size)
             steps = [micro[i : i + t.gradient_accumulation] for i in range(0, len(micro), t.gradient_accumulation)]
             for step_batches in steps[state["step_in_epoch"] :]:
                 tick = time.perf_counter()
@@ -297,6 +305,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
                 if (t.eval_every and state["step"] % t.eval_every == 0) or end_of_epoch or done:
                     eval_loss = evaluate()
                     if eval_loss is not None:
+                        state["last_eval"] = eval_loss
                         record["eval_loss"] = round(eval_loss, 6)
                         improved = state["best_eval"] is None or eval_loss < state["best_eval"] - (t.early_stopping.min_delta if t.early_stopping else 0.0)
                         if improved:
@@ -324,9 +333,10 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
                     break
 
     # 4. Save: restore the best weights when early stopping kept them, then the final model and the summary.
+    final_eval = state.get("last_eval")
     if best is not None and t.early_stopping:
         load_trainable_state(model, best)
-    final_eval = evaluate()
+        final_eval = state["best_eval"]
     save_model(model, tokenizer, run_dir / "model")
     records = log.records()
     log.close()
@@ -351,10 +361,10 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
         "wall_time_s": round(wall, 2),
         "tokens_per_s": round(state["tokens"] / max(state["elapsed"], 1e-9), 1),
         "final_train_loss": train_losses[-1] if train_losses else last_train_loss,
-        "final_eval_loss": round(final_eval, 6) if final_eval is not None else None,
+        "final_eval_loss": _round(final_eval),
         "eval_perplexity": round(math.exp(final_eval), 4) if final_eval is not None else None,
-        "initial_eval_loss": state.get("initial_eval"),
-        "best_eval_loss": state["best_eval"],
+        "initial_eval_loss": _round(state.get("initial_eval")),
+        "best_eval_loss": _round(state["best_eval"]),
         "precision": "bf16" if dtype == torch.bfloat16 else "fp16" if dtype == torch.float16 else "fp32",
         "device": device.type,
         "python": sys.version.split()[0],
