@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -10,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import alpaca_rows, run_config, write_jsonl
 from typer.testing import CliRunner
 
 from tunelab.cli import app
 from tunelab.errors import TunelabError
-
-from conftest import alpaca_rows, run_config, write_jsonl
 
 runner = CliRunner()
 
@@ -256,12 +254,22 @@ def test_freeze_pattern_matching_no_parameter(tmp_path, tiny_model_dir, train_fi
 
 def test_existing_output_dir_without_resume(tmp_path, tiny_model_dir, train_file, out_dir) -> None:
     out_dir.mkdir()
-    keep = out_dir / "notes.txt"
+    keep = out_dir / "summary.json"  # a finished run
+    (out_dir / "config.yaml").write_text("model: default")
     keep.write_text("an earlier run")
     msg = user_error(train_cli(tmp_path, run_config(tiny_model_dir, train_file, out_dir)), "already holds a run", "--resume")
     assert msg.startswith(f"output.dir: {out_dir}")
-    assert sorted(p.name for p in out_dir.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["config.yaml", "summary.json"]
     assert keep.read_text() == "an earlier run"
+
+
+def test_output_dir_that_is_not_a_run_is_never_touched(tmp_path, tiny_model_dir, train_file, out_dir) -> None:
+    out_dir.mkdir()
+    (out_dir / "notes.txt").write_text("mine")
+    cfg = run_config(tiny_model_dir, train_file, out_dir, output={"overwrite": True})
+    msg = user_error(train_cli(tmp_path, cfg), "not a tunelab run")
+    assert msg.startswith(f"output.dir: {out_dir}")
+    assert (out_dir / "notes.txt").read_text() == "mine"
 
 
 def test_resume_without_a_checkpoint(tmp_path, tiny_model_dir, train_file, out_dir) -> None:
@@ -346,7 +354,7 @@ def test_real_process_exit_code_and_single_stderr_line(tmp_path) -> None:
     env.update(HF_HUB_OFFLINE="1", NO_COLOR="1")
     proc = subprocess.run(
         [sys.executable, "-m", "tunelab", "train", "bad.yaml"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False,
     )
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr + proc.stdout

@@ -365,7 +365,9 @@ def test_to_yaml_round_trips(tmp_path: Path, text: str) -> None:
 
 def test_run_config_sections_forbid_unknown_attributes() -> None:
     cfg = RunConfig.model_validate({"data": {"train": "a"}})
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
         cfg.training.batch_size = "many"
 
 
@@ -377,3 +379,17 @@ def test_run_config_sections_forbid_unknown_attributes() -> None:
 def test_shipped_config_loads(path: Path) -> None:
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
+
+
+def test_shipped_demo_yaml_is_the_demo_run() -> None:
+    """configs/demo.yaml and `tunelab demo` describe the same run (only paths and output dir differ)."""
+    from tunelab.demo import demo_config
+
+    root = Path(__file__).resolve().parents[1]
+    shipped = load_config(root / "configs" / "demo.yaml").model_dump()
+    built = load_config(demo_config()).model_dump()
+    for cfg in (shipped, built):
+        cfg["data"]["train"] = Path(cfg["data"]["train"]).name
+        cfg["data"]["validation"] = Path(cfg["data"]["validation"]).name
+        cfg["output"] = None
+    assert shipped == built

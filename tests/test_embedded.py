@@ -12,7 +12,7 @@ import torch
 from tunelab import load_config, train
 from tunelab.demo import DATA_DIR, score
 from tunelab.errors import TunelabError
-from tunelab.generate import generate, load_for_inference
+from tunelab.generate import generate
 from tunelab.models.loading import default_gguf_path, load_model, load_tokenizer, resolve_model
 
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from conftest import run_config
 from typer.testing import CliRunner
 
 from tunelab import load_config, train
 from tunelab.cli import app
-
-from conftest import run_config
 
 
 @pytest.fixture(scope="module")

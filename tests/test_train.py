@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import alpaca_rows, build_tiny_model, run_config, write_jsonl
 
 from tunelab import load_config, train
 from tunelab.data.dataset import collate
 from tunelab.data.tokenize import IGNORE
 from tunelab.train.loss import causal_lm_loss
-
-from conftest import alpaca_rows, build_tiny_model, run_config, write_jsonl
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -159,8 +158,28 @@ def test_resume_after_kill_reproduces_uninterrupted_losses(tiny_model_dir, tmp_p
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "summary.json").exists()  # a killed run never looks complete
-    done = subprocess.run(_train_cmd(cfg_path, "--resume"), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(_train_cmd(cfg_path, "--resume"), capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     resumed = losses(tmp_path / "killed")
     assert [round(x, 5) for x in resumed] == [round(x, 5) for x in expected]
     assert len(resumed) == 12
+
+
+def test_output_dir_safety(tiny_model_dir, alpaca_file, tmp_path):
+    """A directory tunelab did not make is never deleted; a run killed before its first checkpoint restarts."""
+    from tunelab.errors import TunelabError
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    cfg = run_config(tiny_model_dir, alpaca_file, foreign, output={"dir": str(foreign), "overwrite": True})
+    with pytest.raises(TunelabError, match="not a tunelab run"):
+        train(load_config(cfg), quiet=True)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+    started = tmp_path / "started"
+    started.mkdir()
+    (started / "config.yaml").write_text("from a run killed before its first checkpoint")
+    (started / "metrics.jsonl").write_text("")
+    result = train(load_config(run_config(tiny_model_dir, alpaca_file, started)), quiet=True)
+    assert (result.run_dir / "summary.json").is_file()

@@ -15,7 +15,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -64,7 +63,7 @@ def _quiet_libraries() -> None:
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="Run config YAML (see configs/)."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="key.sub=value overrides, e.g. training.epochs=1"),
+    overrides: list[str] | None = typer.Argument(None, help="key.sub=value overrides, e.g. training.epochs=1"),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in output.dir."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
@@ -84,18 +83,19 @@ def train(
 @app.command()
 def generate(
     target: str = typer.Argument(..., help="A run directory, an HF model dir, a .gguf file, a hub id, or 'default'."),
-    prompt: List[str] = typer.Option(..., "--prompt", "-p", help="User message (repeat for several prompts)."),
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="User message (repeat for several prompts)."),
     max_new_tokens: int = typer.Option(256, help="Most tokens to generate per reply."),
     temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling threshold (with temperature > 0)."),
-    system: Optional[str] = typer.Option(None, help="System message to prepend."),
-    seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
+    system: str | None = typer.Option(None, help="System message to prepend."),
+    seed: int | None = typer.Option(None, help="Seed for sampling."),
 ) -> None:
     """Generate replies with the same chat template training used."""
     try:
         _check_sampling(max_new_tokens, temperature, top_p)
         _quiet_libraries()
-        from tunelab.generate import generate as gen, load_for_inference
+        from tunelab.generate import generate as gen
+        from tunelab.generate import load_for_inference
 
         model, tokenizer = load_for_inference(target)
         for reply in gen(model, tokenizer, list(prompt), max_new_tokens, temperature, top_p, system_prompt=system, seed=seed):
@@ -119,13 +119,14 @@ def chat(
     max_new_tokens: int = typer.Option(256, help="Most tokens per reply."),
     temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling threshold."),
-    system: Optional[str] = typer.Option(None, help="System message for the conversation."),
+    system: str | None = typer.Option(None, help="System message for the conversation."),
 ) -> None:
     """Interactive chat in the terminal (/reset clears the history, /exit or Ctrl-D quits)."""
     try:
         _check_sampling(max_new_tokens, temperature, top_p)
         _quiet_libraries()
-        from tunelab.generate import generate as gen, load_for_inference
+        from tunelab.generate import generate as gen
+        from tunelab.generate import load_for_inference
 
         model, tokenizer = load_for_inference(target)
     except TunelabError as exc:
@@ -162,8 +163,8 @@ def demo(
     """Fine-tune the embedded SmolLM2-135M-Instruct on the ticket-extraction demo; print exact match before and after."""
     try:
         _quiet_libraries()
-        from tunelab.demo import demo_config, evaluate_target, load_test_rows
         from tunelab.config import load_config
+        from tunelab.demo import demo_config, evaluate_target, load_test_rows
         from tunelab.generate import load_for_inference
         from tunelab.train.loop import train as run_train
 

@@ -6,8 +6,8 @@ Adding a format is one function and one `register_format(...)` line. Formats val
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from tunelab.data.readers import Record
 from tunelab.errors import TunelabError

@@ -9,9 +9,9 @@ from __future__ import annotations
 import csv
 import glob
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from tunelab.errors import TunelabError
 

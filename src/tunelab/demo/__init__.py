@@ -27,7 +27,7 @@ def demo_config(output_dir: str = "runs/demo", **training) -> dict:
         },
         "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
         "training": {"epochs": 2, "batch_size": 8, "learning_rate": 1.0e-3, "schedule": "cosine", "warmup_ratio": 0.05,
-                     "eval_every": 20, "seed": 0, **training},
+                     "eval_every": 40, "seed": 0, **training},
         "output": {"dir": output_dir},
     }
 

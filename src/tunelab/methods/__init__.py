@@ -6,7 +6,7 @@ whose trainable parameters have `requires_grad=True`. Adding a method is one mod
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -36,7 +36,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-from tunelab.methods import freeze, full, lora  # noqa: E402  (registration)
+from tunelab.methods import freeze, full, lora
 
 register_method("full", full.attach)
 register_method("freeze", freeze.attach)

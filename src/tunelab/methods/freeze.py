@@ -24,7 +24,7 @@ def attach(model: nn.Module, cfg) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.train_top_blocks:
-        prefix, blocks = transformer_blocks(model)
+        _, blocks = transformer_blocks(model)
         if cfg.train_top_blocks > len(blocks):
             raise TunelabError(
                 f"method.train_top_blocks: {cfg.train_top_blocks} is more than the model's {len(blocks)} blocks; "

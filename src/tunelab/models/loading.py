@@ -87,7 +87,7 @@ def convert_gguf(gguf: Path, name: str | None = None) -> Path:
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
             loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file)
-        except Exception as exc:  # transformers raises several types for unreadable GGUFs
+        except Exception as exc:  # noqa: BLE001  (transformers raises many types for unreadable GGUFs)
             raise TunelabError(f"{gguf}: cannot load this GGUF ({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]})") from None
         config = AutoConfig.from_pretrained(folder, gguf_file=file)
         for attr in ("quantization_config", "_name_or_path"):

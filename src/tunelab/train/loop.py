@@ -29,7 +29,14 @@ from tunelab.data.tokenize import Encoded
 from tunelab.errors import TunelabError
 from tunelab.methods import attach_method, count_parameters
 from tunelab.models.loading import ModelSource, load_model, load_tokenizer, resolve_model
-from tunelab.train.checkpoint import clean_partial, list_checkpoints, load_checkpoint, load_trainable_state, save_checkpoint, trainable_state
+from tunelab.train.checkpoint import (
+    clean_partial,
+    list_checkpoints,
+    load_checkpoint,
+    load_trainable_state,
+    save_checkpoint,
+    trainable_state,
+)
 from tunelab.train.loss import causal_lm_loss
 from tunelab.train.progress import TrainProgress
 from tunelab.train.run_dir import MetricsLog, plot_loss, write_json_atomic
@@ -144,7 +151,7 @@ def evaluate_loss(model, examples: list[Encoded], batch_size: int, pad_id: int, 
 
 
 def _prepare_run_dir(cfg: RunConfig, resume: bool | str) -> tuple[Path, Path | None]:
-    """Decide between a fresh run and a resume; refuse to clobber an existing run unless asked to."""
+    """Decide between a fresh run and a resume; never clobber a finished run or a directory tunelab did not make."""
     run_dir = Path(cfg.output.dir)
     checkpoints = list_checkpoints(run_dir / "checkpoints")
     if resume:
@@ -153,7 +160,11 @@ def _prepare_run_dir(cfg: RunConfig, resume: bool | str) -> tuple[Path, Path | N
         if resume is True:
             raise TunelabError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; run without --resume to start fresh")
     if run_dir.exists() and any(run_dir.iterdir()):
-        if not cfg.output.overwrite:
+        if not (run_dir / "config.yaml").is_file():
+            raise TunelabError(f"output.dir: {run_dir} is not empty and is not a tunelab run; choose a new or empty directory")
+        # A run killed before its first checkpoint has nothing to resume or keep; anything more needs consent.
+        started_only = not checkpoints and not (run_dir / "model").exists() and not (run_dir / "summary.json").exists()
+        if not (cfg.output.overwrite or started_only):
             raise TunelabError(
                 f"output.dir: {run_dir} already holds a run; pass --resume to continue it, "
                 "output.overwrite=true to replace it, or choose another output.dir"
@@ -256,7 +267,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
     if t.eval_at_start and checkpoint is None and data.validation:
         state["initial_eval"] = evaluate()
         log.log({"step": 0, "eval_loss": round(state["initial_eval"], 6)})
-        progress.header(f"eval loss before training: {state['initial_eval']:.4f}")
+        progress.note(f"eval loss before training: {state['initial_eval']:.4f}")
 
     step_delay = float(os.environ.get("TUNELAB_STEP_DELAY", "0") or 0)  # crash-recovery tests kill a slowed run
     started = time.perf_counter() - state["elapsed"]

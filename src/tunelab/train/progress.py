@@ -22,7 +22,11 @@ class TrainProgress:
         if not self.quiet:
             self.console.print(f"[bold]tunelab train[/bold] {text}")
 
-    def __enter__(self) -> "TrainProgress":
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(text, highlight=False)
+
+    def __enter__(self) -> TrainProgress:
         if self.live:
             self._progress = Progress(
                 TextColumn("[bold blue]train"),

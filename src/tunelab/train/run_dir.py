@@ -17,7 +17,7 @@ class MetricsLog:
         else:
             kept = [line for line in self._lines() if line.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (held for the run, closed in close())
         self._tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
