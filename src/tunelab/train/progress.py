@@ -12,7 +12,7 @@ class TrainProgress:
     def __init__(self, total: int, quiet: bool = False) -> None:
         self.total = total
         self.quiet = quiet
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, soft_wrap=True)
         self.live = self.console.is_terminal and not quiet
         self._every = max(1, total // 20)
         self._progress: Progress | None = None

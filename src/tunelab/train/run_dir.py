@@ -59,7 +59,15 @@ def plot_loss(records: list[dict], out: Path) -> None:
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
-        ax.plot(*zip(*train), label="train loss", color="#1f77b4", linewidth=1.2)
+        steps, values = zip(*train)
+        ax.plot(steps, values, color="#1f77b4", linewidth=0.8, alpha=0.35, label="train loss")
+        width = max(5, len(values) // 20) | 1  # odd, so the moving average is centred on its step
+        if len(values) >= 2 * width:  # the trend under batch-to-batch noise
+            import numpy as np
+
+            smooth = np.convolve(values, np.ones(width) / width, mode="valid")
+            ax.plot(steps[width // 2 : width // 2 + len(smooth)], smooth, color="#1f77b4", linewidth=1.8,
+                    label=f"train loss (mean of {width} steps)")
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss", color="#d62728", linewidth=1.5, markersize=4)
     ax.set_xlabel("optimizer step")
