@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+pip_install() { "$PY" -m pip install --disable-pip-version-check --root-user-action=ignore -q "$@"; }
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
   # A pinned CPU build first: a plain `torch` requirement would otherwise pull several GB of CUDA packages.

@@ -60,7 +60,8 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-@app.command()
+@app.command(epilog="Examples: tunelab train configs/demo.yaml | tunelab train configs/lora-alpaca.yaml training.max_steps=50 "
+             "method.r=8 output.dir=runs/short | tunelab train configs/lora-alpaca.yaml --resume")
 def train(
     config: Path = typer.Argument(..., help="Run config YAML (see configs/)."),
     overrides: list[str] | None = typer.Argument(None, help="key.sub=value overrides, e.g. training.epochs=1"),
@@ -80,7 +81,7 @@ def train(
         _fail(exc)
 
 
-@app.command()
+@app.command(epilog='Example: tunelab generate runs/demo -p "Extract the ticket as JSON ..." -p "second prompt"')
 def generate(
     target: str = typer.Argument(..., help="A run directory, an HF model dir, a .gguf file, a hub id, or 'default'."),
     prompt: list[str] = typer.Option(..., "--prompt", "-p", help="User message (repeat for several prompts)."),
