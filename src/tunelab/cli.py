@@ -126,8 +126,7 @@ def chat(
     try:
         _check_sampling(max_new_tokens, temperature, top_p)
         _quiet_libraries()
-        from tunelab.generate import generate as gen
-        from tunelab.generate import load_for_inference
+        from tunelab.generate import load_for_inference, stream_reply
 
         model, tokenizer = load_for_inference(target)
     except TunelabError as exc:
@@ -150,9 +149,11 @@ def chat(
             err.print("[dim]history cleared[/dim]")
             continue
         history.append({"role": "user", "content": text})
-        reply = gen(model, tokenizer, [history], max_new_tokens, temperature, top_p)[0]
+        sys.stdout.write("model> ")
+        reply = stream_reply(model, tokenizer, history, max_new_tokens, temperature, top_p,
+                             write=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        sys.stdout.write("\n")
         history.append({"role": "assistant", "content": reply})
-        out.print(f"model> {reply}", highlight=False, markup=False)
 
 
 @app.command()

@@ -103,3 +103,28 @@ def generate(
     finally:
         tokenizer.padding_side = side
     return outputs
+
+
+@torch.no_grad()
+def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
+                 top_p: float = 1.0, write=print) -> str:
+    """Generate one chat reply, handing each decoded piece to `write` as it arrives; returns the whole reply."""
+    from threading import Thread
+
+    from transformers import TextIteratorStreamer
+
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sample = temperature > 0
+    kwargs = dict(**enc, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
+                  top_p=top_p if sample else None, top_k=None, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id, streamer=streamer)
+    worker = Thread(target=model.generate, kwargs=kwargs, daemon=True)
+    worker.start()
+    pieces = []
+    for piece in streamer:
+        pieces.append(piece)
+        write(piece)
+    worker.join()
+    return "".join(pieces).strip()

@@ -26,7 +26,7 @@ class TrainProgress:
         if not self.quiet:
             self.console.print(text, highlight=False)
 
-    def __enter__(self) -> TrainProgress:
+    def __enter__(self) -> TrainProgress:  # noqa: PYI034
         if self.live:
             self._progress = Progress(
                 TextColumn("[bold blue]train"),
