@@ -183,3 +183,32 @@ def test_output_dir_safety(tiny_model_dir, alpaca_file, tmp_path):
     (started / "metrics.jsonl").write_text("")
     result = train(load_config(run_config(tiny_model_dir, alpaca_file, started)), quiet=True)
     assert (result.run_dir / "summary.json").is_file()
+
+
+def test_precision_falls_back_to_fp32_without_native_bf16():
+    from tunelab.errors import TunelabError
+    from tunelab.train.loop import pick_precision
+
+    cpu = torch.device("cpu")
+    assert pick_precision("auto", cpu, cpu_bf16=True) == torch.bfloat16
+    assert pick_precision("auto", cpu, cpu_bf16=False) is None
+    assert pick_precision("fp32", cpu, cpu_bf16=True) is None
+    with pytest.raises(TunelabError, match="training.precision: bf16 is not supported"):
+        pick_precision("bf16", cpu, cpu_bf16=False)
+    with pytest.raises(TunelabError, match="fp16 needs a CUDA GPU"):
+        pick_precision("fp16", cpu)
+
+
+def test_bf16_autocast_run_trains_and_keeps_fp32_adapters(tiny_model_dir, alpaca_file, tmp_path):
+    from safetensors.torch import load_file
+
+    from tunelab.train.loop import cpu_supports_bf16
+
+    if not cpu_supports_bf16():
+        pytest.skip("this CPU has no native bf16; the fp32 fallback is covered above")
+    run = train(load_config(run_config(tiny_model_dir, alpaca_file, tmp_path / "run", training={"precision": "bf16"})),
+                quiet=True).run_dir
+    assert json.loads((run / "summary.json").read_text())["precision"] == "bf16"
+    weights = load_file(run / "model" / "adapter_model.safetensors")
+    assert weights and all(w.dtype == torch.float32 for w in weights.values())
+    assert losses(run)[-1] < losses(run)[0]

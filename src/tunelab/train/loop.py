@@ -25,7 +25,7 @@ import torch
 
 from tunelab.config import RunConfig
 from tunelab.data.dataset import PreparedData, batches_of, collate, epoch_order, length_grouped_batches, prepare_data
-from tunelab.data.tokenize import Encoded
+from tunelab.data.tokenize import IGNORE, Encoded
 from tunelab.errors import TunelabError
 from tunelab.methods import attach_method, count_parameters
 from tunelab.models.loading import ModelSource, load_model, load_tokenizer, resolve_model
@@ -236,6 +236,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total_steps)
     optimizer = _optimizer(model, t)
     scheduler = build_scheduler(optimizer, total_steps, warmup, t.schedule)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # loss scaling for fp16 only
     pad_id = tokenizer.pad_token_id
     lengths = [len(e.input_ids) for e in data.train]
 
@@ -285,20 +286,22 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
             for step_batches in steps[state["step_in_epoch"] :]:
                 tick = time.perf_counter()
                 batches = [collate([data.train[i] for i in b], pad_id) for b in step_batches]
-                n_trained = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+                n_trained = max(1, sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches))
                 loss_sum, tokens = 0.0, 0
                 for batch in batches:
                     batch = {k: v.to(device) for k, v in batch.items()}
                     with autocast(device, dtype):
                         loss, _ = causal_lm_loss(model, batch)
-                    (loss / n_trained).backward()
+                    scaler.scale(loss / n_trained).backward()
                     loss_sum += float(loss.detach())
                     tokens += int(batch["attention_mask"].sum())
                 grad_norm = None
+                scaler.unscale_(optimizer)
                 if t.max_grad_norm is not None:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_((p for p in model.parameters() if p.requires_grad), t.max_grad_norm))
                 lr = scheduler.get_last_lr()[0]
-                optimizer.step()
+                scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
+                scaler.update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state["step"] += 1
