@@ -212,3 +212,16 @@ def test_bf16_autocast_run_trains_and_keeps_fp32_adapters(tiny_model_dir, alpaca
     weights = load_file(run / "model" / "adapter_model.safetensors")
     assert weights and all(w.dtype == torch.float32 for w in weights.values())
     assert losses(run)[-1] < losses(run)[0]
+
+
+def test_packed_run_trains_and_resumes_like_any_other(tiny_model_dir, tmp_path):
+    train_file = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(40))
+    common = {"data": {"packing": True, "max_length": 256}, "training": {"max_steps": 6, "save_every": 3}}
+    full = train(load_config(run_config(tiny_model_dir, train_file, tmp_path / "full", **common)), quiet=True)
+    assert full.summary["train_examples"] == 40 and full.summary["train_rows"] < 40
+    assert losses(full.run_dir)[-1] < losses(full.run_dir)[0]
+    # Stop after 3 steps, resume to 6: same losses as the straight run.
+    part = run_config(tiny_model_dir, train_file, tmp_path / "part", **common)
+    train(load_config({**part, "training": {**part["training"], "max_steps": 3}}), quiet=True)
+    resumed = train(load_config(part), resume=True, quiet=True)
+    assert losses(resumed.run_dir) == losses(full.run_dir)

@@ -39,6 +39,10 @@ class DataConfig(Section):
     )
     max_length: int = Field(default=512, ge=8, description="Maximum tokens per example; longer responses are cut.")
     train_on_inputs: bool = Field(default=False, description="Also train on prompt/user tokens, not only on the assistant's.")
+    packing: bool = Field(
+        default=False,
+        description="Pack several training examples into each max_length sequence; attention stays inside each example.",
+    )
     system_prompt: str | None = Field(default=None, description="System message added to every conversation that has none.")
 
     @field_validator("validation")

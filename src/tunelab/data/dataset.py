@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import random
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ class PreparedData:
     validation: list[Encoded]
     format: str
     truncated: int
+    train_examples: int  # before packing (len(train) counts packed rows)
 
     @property
     def train_tokens(self) -> int:
@@ -57,8 +59,40 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
     train, validation = encode_all(train_ex, tokenizer, cfg), encode_all(val_ex, tokenizer, cfg)
     if not train:
         raise TunelabError("data.train: no trainable examples after tokenization; check the rows")
-    truncated = sum(e.truncated for e in train + validation)
-    return PreparedData(train, validation, fmt, truncated)
+    truncated, n_train = sum(e.truncated for e in train + validation), len(train)
+    if cfg.packing:
+        train = pack_examples(train, cfg.max_length)
+    return PreparedData(train, validation, fmt, truncated, n_train)
+
+
+def pack_examples(examples: list[Encoded], max_length: int) -> list[Encoded]:
+    """Pack examples into rows of at most max_length tokens (best fit, longest first; O(n log n)).
+
+    Each example keeps its own positions (restarting at 0), which transformers turns into a block-diagonal causal mask,
+    and the first token of each example carries no label, so no example learns from its neighbour: the packed loss
+    equals the sum of the examples' own losses.
+    """
+    rows: list[list[Encoded]] = []
+    rooms: list[tuple[int, int]] = []  # (free tokens, row index), kept sorted
+    for ex in sorted(examples, key=lambda e: len(e.input_ids), reverse=True):
+        n = len(ex.input_ids)
+        at = bisect.bisect_left(rooms, (n, -1))  # the row with the least room that still fits
+        if at == len(rooms):
+            rows.append([ex])
+            bisect.insort(rooms, (max_length - n, len(rows) - 1))
+        else:
+            free, row = rooms.pop(at)
+            rows[row].append(ex)
+            bisect.insort(rooms, (free - n, row))
+    packed = []
+    for row in rows:
+        ids, labels, positions = [], [], []
+        for ex in row:
+            ids += ex.input_ids
+            labels += [IGNORE] + ex.labels[1:]
+            positions += list(range(len(ex.input_ids)))
+        packed.append(Encoded(ids, labels, "+".join(e.source for e in row), any(e.truncated for e in row), positions))
+    return packed
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -85,14 +119,25 @@ def length_grouped_batches(order: list[int], lengths: list[int], batch_size: int
 
 
 def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding gets attention 0 and label IGNORE."""
+    """Right-pad to the longest example; padding gets attention 0 and label IGNORE.
+
+    Packed rows also get `position_ids` (restarting per example; the padding tail counts as one more segment).
+    """
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    packed = any(e.position_ids is not None for e in examples)
+    positions = torch.zeros((len(examples), width), dtype=torch.long) if packed else None
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if positions is not None:
+            positions[i, :n] = torch.tensor(e.position_ids if e.position_ids is not None else range(n))
+            positions[i, n:] = torch.arange(width - n)
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if positions is not None:
+        batch["position_ids"] = positions
+    return batch

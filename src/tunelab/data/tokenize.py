@@ -29,6 +29,7 @@ class Encoded:
     labels: list[int]
     source: str
     truncated: bool = False
+    position_ids: list[int] | None = None  # set for packed rows: positions restart at 0 for each example
 
     @property
     def n_trained(self) -> int:

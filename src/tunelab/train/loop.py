@@ -252,7 +252,9 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
     progress = TrainProgress(total_steps, quiet=quiet)
     progress.header(
         f"{cfg.method.name} on {source.spec} ({trainable:,} of {total_params:,} params trainable) | "
-        f"{len(data.train)} train / {len(data.validation)} eval examples | {total_steps} steps | "
+        f"{data.train_examples} train"
+        + (f" (packed into {len(data.train)} rows)" if cfg.data.packing else "")
+        + f" / {len(data.validation)} eval examples | {total_steps} steps | "
         f"{device.type} {'bf16' if dtype == torch.bfloat16 else 'fp16' if dtype == torch.float16 else 'fp32'}"
         + (f" | resumed at step {state['step']}" if checkpoint is not None else "")
     )
@@ -362,7 +364,8 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
         "base_model_path": source.path,
         "method": cfg.method.name,
         "data_format": data.format,
-        "train_examples": len(data.train),
+        "train_examples": data.train_examples,
+        "train_rows": len(data.train),
         "eval_examples": len(data.validation),
         "truncated_examples": data.truncated,
         "trainable_params": trainable,

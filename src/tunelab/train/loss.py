@@ -29,12 +29,18 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
     n = int(keep.sum())
+    # Packed rows carry position_ids and no attention mask: transformers then builds a block-diagonal causal mask.
+    # (Only without a KV cache: with one, transformers does not look for packed sequences.)
+    if "position_ids" in batch:
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    else:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     decoder, head, softcap = _backbone_and_head(model)
     if decoder is None or head is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        logits = model(**inputs).logits[:, :-1]
         selected = logits[keep]
     else:
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = decoder(**inputs).last_hidden_state
         selected = head(hidden[:, :-1][keep])
         if softcap:
             selected = torch.tanh(selected / softcap) * softcap
