@@ -225,3 +225,28 @@ def test_packed_run_trains_and_resumes_like_any_other(tiny_model_dir, tmp_path):
     train(load_config({**part, "training": {**part["training"], "max_steps": 3}}), quiet=True)
     resumed = train(load_config(part), resume=True, quiet=True)
     assert losses(resumed.run_dir) == losses(full.run_dir)
+
+
+@pytest.mark.parametrize("layout", ["alpaca-csv", "prompt_response-json", "messages-jsonl", "text-jsonl"])
+def test_every_format_and_file_type_trains(tiny_model_dir, tmp_path, layout):
+    from conftest import write_csv
+
+    if layout == "alpaca-csv":
+        path = write_csv(tmp_path / "d.csv", ["instruction", "input", "output"],
+                         [[r["instruction"], r["input"], r["output"]] for r in alpaca_rows(12)])
+    elif layout == "prompt_response-json":
+        path = tmp_path / "d.json"
+        path.write_text(json.dumps([{"prompt": r["instruction"], "response": r["output"]} for r in alpaca_rows(12)], indent=2))
+    elif layout == "messages-jsonl":
+        path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": r["instruction"]},
+            {"role": "assistant", "content": "Hello!", "weight": 0},
+            {"role": "user", "content": "And again?"},
+            {"role": "assistant", "content": r["output"]}]} for r in alpaca_rows(12)])
+    else:
+        path = write_jsonl(tmp_path / "d.jsonl", [{"text": r["output"] * 3} for r in alpaca_rows(12)])
+    result = train(load_config(run_config(tiny_model_dir, path, tmp_path / "run", data={"validation": 0.25, "max_length": 256},
+                                          training={"max_steps": 3})), quiet=True)
+    assert result.summary["data_format"] == layout.split("-")[0]  # detected, not configured
+    assert result.summary["steps"] == 3 and result.summary["final_eval_loss"] is not None
