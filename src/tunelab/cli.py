@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import typer
@@ -165,44 +164,24 @@ def demo(
     """Fine-tune the embedded SmolLM2-135M-Instruct on the ticket-extraction demo; print exact match before and after."""
     try:
         _quiet_libraries()
-        from tunelab.config import load_config
-        from tunelab.demo import demo_config, evaluate_target, load_test_rows
-        from tunelab.generate import load_for_inference
-        from tunelab.train.loop import train as run_train
+        from tunelab.demo import run_demo
 
-        cfg_dict = demo_config(output, epochs=epochs)
-        cfg_dict["output"]["overwrite"] = overwrite
-        cfg = load_config(cfg_dict)
-        rows = load_test_rows()
-        clock = time.perf_counter()
-        err.print(f"[bold]1/3[/bold] scoring the base model on {len(rows)} held-out tickets...")
-        base, tokenizer = load_for_inference("default")
-        before, _ = evaluate_target(base, tokenizer, rows)
-        del base
-        err.print(f"[dim]    {time.perf_counter() - clock:.0f}s[/dim]\n[bold]2/3[/bold] fine-tuning (LoRA)...")
-        result = run_train(cfg)
-        err.print("[bold]3/3[/bold] scoring the fine-tuned model...")
-        clock = time.perf_counter()
-        tuned, tokenizer = load_for_inference(result.run_dir)
-        after, preds = evaluate_target(tuned, tokenizer, rows)
-        err.print(f"[dim]    {time.perf_counter() - clock:.0f}s[/dim]")
+        demo_run = run_demo(output, epochs, overwrite, log=lambda text: err.print(text, highlight=False))
     except TunelabError as exc:
         _fail(exc)
         return
     from rich.table import Table
 
-    table = Table(title=f"Ticket extraction, {len(rows)} held-out rows")
+    table = Table(title=f"Ticket extraction, {len(demo_run.rows)} held-out rows")
     table.add_column("metric")
     table.add_column("base", justify="right")
     table.add_column("fine-tuned", justify="right")
     for key in ("exact_match", "valid_json", "product_acc", "category_acc", "urgency_acc", "order_id_acc"):
-        table.add_row(key, f"{before[key]:.1%}", f"{after[key]:.1%}")
+        table.add_row(key, f"{demo_run.before[key]:.1%}", f"{demo_run.after[key]:.1%}")
     out.print(table)
-    import json
-
-    (result.run_dir / "demo_scores.json").write_text(json.dumps({"base": before, "fine_tuned": after}, indent=2))
-    out.print(f"example: {rows[0]['prompt'].splitlines()[-1]}\n  -> {preds[0]}", highlight=False, markup=False)
-    out.print(f"train time {result.summary['wall_time_s']:.0f}s; try: tunelab chat {result.run_dir}", highlight=False)
+    example = demo_run.rows[0]["prompt"].splitlines()[-1]
+    out.print(f"example: {example}\n  -> {demo_run.predictions[0]}", highlight=False, markup=False)
+    out.print(f"train time {demo_run.summary['wall_time_s']:.0f}s; try: tunelab chat {demo_run.run_dir}", highlight=False)
 
 
 def main() -> None:
