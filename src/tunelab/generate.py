@@ -56,6 +56,20 @@ def load_for_inference(target: str | Path):
     return model, tokenizer
 
 
+def generation_kwargs(tokenizer, max_new_tokens: int, temperature: float, top_p: float) -> dict:
+    """Greedy when temperature is 0, else nucleus sampling; stops at the chat template's end-of-turn token."""
+    sample = temperature > 0
+    return {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": sample,
+        "temperature": temperature if sample else None,
+        "top_p": top_p if sample else None,
+        "top_k": None,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -87,17 +101,7 @@ def generate(
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            sample = temperature > 0
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=sample,
-                temperature=temperature if sample else None,
-                top_p=top_p if sample else None,
-                top_k=None,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
+            out = model.generate(**enc, **generation_kwargs(tokenizer, max_new_tokens, temperature, top_p))
             for row, i in enumerate(idx):
                 outputs[i] = tokenizer.decode(out[row, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     finally:
@@ -116,10 +120,7 @@ def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 2
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sample = temperature > 0
-    kwargs = dict(**enc, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
-                  top_p=top_p if sample else None, top_k=None, pad_token_id=tokenizer.pad_token_id,
-                  eos_token_id=tokenizer.eos_token_id, streamer=streamer)
+    kwargs = {**enc, **generation_kwargs(tokenizer, max_new_tokens, temperature, top_p), "streamer": streamer}
     worker = Thread(target=model.generate, kwargs=kwargs, daemon=True)
     worker.start()
     pieces = []
