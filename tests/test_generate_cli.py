@@ -46,3 +46,10 @@ def test_generate_on_interrupted_run_says_how_to_resume(tiny_run, tmp_path):
     res = CliRunner().invoke(app, ["generate", str(broken), "-p", "hi"])
     assert res.exit_code == 2
     assert "no final model yet" in res.output and "--resume" in res.output
+
+
+def test_version_flag():
+    import tunelab
+
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.stdout.strip() == f"tunelab {tunelab.__version__}"

@@ -35,8 +35,19 @@ out = Console()
 _debug = False
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from tunelab import __version__
+
+        out.print(f"tunelab {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")) -> None:
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version."),
+) -> None:
     global _debug
     _debug = debug
 

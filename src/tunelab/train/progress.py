@@ -66,3 +66,4 @@ class TrainProgress:
             f"[green]done[/green] {summary['steps']} steps in {summary['wall_time_s']:.1f}s, "
             f"{summary['tokens_per_s']:.0f} tok/s, train loss {summary['final_train_loss']:.4f}{ev_text} -> {run_dir}"
         )
+        self.console.print(f"[dim]next: tunelab chat {run_dir}  |  tunelab generate {run_dir} -p \"...\"[/dim]", highlight=False)
