@@ -44,24 +44,6 @@ def test_jsonl_crlf_line_endings(tmp_path: Path) -> None:
     assert _lines(read_records(str(p))) == [(1, {"a": 1}), (3, {"a": 2})]
 
 
-def test_jsonl_malformed_line_names_file_and_line(tmp_path: Path) -> None:
-    p = tmp_path / "train.jsonl"
-    p.write_text('{"a": 1}\n\n{"a": 2,}\n{"a": 3}\n', encoding="utf-8")
-    msg = _error(read_records, str(p))
-    assert msg.startswith(f"{p}:3:")
-    assert "malformed JSON" in msg
-    assert "fix or remove" in msg
-
-
-def test_jsonl_non_object_line(tmp_path: Path) -> None:
-    p = tmp_path / "train.jsonl"
-    p.write_text('{"a": 1}\n["not", "an", "object"]\n', encoding="utf-8")
-    msg = _error(read_records, str(p))
-    assert msg.startswith(f"{p}:2:")
-    assert "expected a JSON object per line" in msg
-    assert "list" in msg
-
-
 def test_ndjson_suffix_reads_as_jsonl(tmp_path: Path) -> None:
     p = tmp_path / "train.ndjson"
     p.write_text('{"a": 1}\n{"a": 2}\n', encoding="utf-8")
@@ -98,72 +80,16 @@ def test_json_array_with_strings_containing_newline_escapes_and_brackets(tmp_pat
     assert [r.line for r in records] == [2, 5]
 
 
-def test_json_array_malformed_element_names_its_line(tmp_path: Path) -> None:
-    p = tmp_path / "train.json"
-    p.write_text('[\n  {"a": 1},\n  {"a": 2},\n  {"a": 3,\n   "b": }\n]\n', encoding="utf-8")
-    msg = _error(read_records, str(p))
-    assert msg.startswith(f"{p}:5:")
-    assert "malformed JSON" in msg
-
-
-def test_json_array_non_object_element_names_its_line(tmp_path: Path) -> None:
-    p = tmp_path / "train.json"
-    p.write_text('[\n  {"a": 1},\n  "just a string"\n]\n', encoding="utf-8")
-    msg = _error(read_records, str(p))
-    assert msg.startswith(f"{p}:3:")
-    assert "object" in msg and "str" in msg
-
-
-def test_json_array_not_closed(tmp_path: Path) -> None:
-    p = tmp_path / "train.json"
-    p.write_text('[\n  {"a": 1},\n', encoding="utf-8")
-    msg = _error(read_records, str(p))
-    assert msg.startswith(f"{p}:")
-    assert "not closed" in msg
-
-
 def test_json_file_that_is_really_jsonl(tmp_path: Path) -> None:
     p = tmp_path / "train.json"
     p.write_text('{"a": 1}\n\n{"a": 2}\n', encoding="utf-8")
     assert _lines(read_records(str(p))) == [(1, {"a": 1}), (3, {"a": 2})]
 
 
-def test_json_file_that_is_really_jsonl_with_a_bad_line(tmp_path: Path) -> None:
-    p = tmp_path / "train.json"
-    p.write_text('{"a": 1}\n{"a": 2}\n{"a": \n', encoding="utf-8")
-    msg = _error(read_records, str(p))
-    assert msg.startswith(f"{p}:3:")
-    assert "malformed JSON" in msg
-
-
 def test_json_single_object_is_one_row(tmp_path: Path) -> None:
     p = tmp_path / "train.json"
     p.write_text('{\n  "a": 1\n}\n', encoding="utf-8")
     assert _lines(read_records(str(p))) == [(1, {"a": 1})]
-
-
-def test_json_rows_nested_under_a_key_are_refused_with_a_hint(tmp_path: Path) -> None:
-    p = tmp_path / "train.json"
-    p.write_text(json.dumps({"data": [{"a": 1}]}), encoding="utf-8")
-    msg = _error(read_records, str(p))
-    assert msg.startswith(f"{p}:")
-    assert "'data'" in msg and "top-level JSON list" in msg
-
-
-def test_json_scalar_document(tmp_path: Path) -> None:
-    p = tmp_path / "train.json"
-    p.write_text("42\n", encoding="utf-8")
-    msg = _error(read_records, str(p))
-    assert msg.startswith(f"{p}:1:")
-    assert "int" in msg
-
-
-def test_json_malformed_object_document_names_line(tmp_path: Path) -> None:
-    p = tmp_path / "train.json"
-    p.write_text('{\n  "a": 1,\n  "b" 2\n}\n', encoding="utf-8")
-    msg = _error(read_records, str(p))
-    assert msg.startswith(f"{p}:3:")
-    assert "malformed JSON" in msg
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -193,30 +119,6 @@ def test_csv_row_with_a_quoted_multiline_field_is_tagged_with_its_first_line(tmp
     assert read_records(str(p))[0].line == 2
 
 
-def test_csv_too_many_values(tmp_path: Path) -> None:
-    p = tmp_path / "train.csv"
-    p.write_text("a,b\n1,2\n1,2,3\n", encoding="utf-8")
-    msg = _error(read_records, str(p))
-    assert msg.startswith(f"{p}:3:")
-    assert "more values than header columns" in msg
-
-
-def test_csv_too_few_values(tmp_path: Path) -> None:
-    p = tmp_path / "train.csv"
-    p.write_text("a,b,c\n1,2,3\n4,5\n", encoding="utf-8")
-    msg = _error(read_records, str(p))
-    assert msg.startswith(f"{p}:3:")
-    assert "fewer values than header columns" in msg and "3 expected" in msg
-
-
-def test_csv_header_with_empty_column_name(tmp_path: Path) -> None:
-    p = tmp_path / "train.csv"
-    p.write_text("a,,c\n1,2,3\n", encoding="utf-8")
-    msg = _error(read_records, str(p))
-    assert msg.startswith(f"{p}:1:")
-    assert "header" in msg
-
-
 def test_csv_all_empty_rows_are_skipped(tmp_path: Path) -> None:
     p = tmp_path / "train.csv"
     p.write_text("a,b\n,\n1,2\n , \n", encoding="utf-8")
@@ -229,14 +131,6 @@ def test_tsv_uses_tabs(tmp_path: Path) -> None:
     assert _lines(read_records(str(p))) == [(2, {"prompt": "hello, world", "response": "hi"})]
 
 
-def test_tsv_too_many_values_mentions_the_tab(tmp_path: Path) -> None:
-    p = tmp_path / "train.tsv"
-    p.write_text("a\tb\n1\t2\t3\n", encoding="utf-8")
-    msg = _error(read_records, str(p))
-    assert msg.startswith(f"{p}:2:")
-    assert "more values" in msg
-
-
 def test_suffix_is_case_insensitive(tmp_path: Path) -> None:
     p = tmp_path / "TRAIN.CSV"
     p.write_text("a\n1\n", encoding="utf-8")
@@ -245,49 +139,6 @@ def test_suffix_is_case_insensitive(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # File-level problems
-
-
-@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
-def test_empty_file(tmp_path: Path, suffix: str) -> None:
-    p = tmp_path / f"train{suffix}"
-    p.write_bytes(b"")
-    msg = _error(read_records, str(p))
-    assert msg.startswith(f"{p}:")
-    assert "empty" in msg
-
-
-def test_whitespace_only_file(tmp_path: Path) -> None:
-    p = tmp_path / "train.jsonl"
-    p.write_text("\n   \n\t\n", encoding="utf-8")
-    msg = _error(read_records, str(p))
-    assert msg.startswith(f"{p}:")
-    assert "empty" in msg
-
-
-def test_binary_file_is_refused(tmp_path: Path) -> None:
-    p = tmp_path / "train.jsonl"
-    p.write_bytes(b'{"a": 1}\n\x00\x01\x02\x89PNG\x00\x00')
-    msg = _error(read_records, str(p))
-    assert msg.startswith(f"{p}:")
-    assert "binary" in msg
-
-
-def test_non_utf8_bytes_name_the_line_of_the_bad_byte(tmp_path: Path) -> None:
-    p = tmp_path / "train.jsonl"
-    raw = b'{"a": 1}\n{"a": 2}\n{"a": "caf\xe9"}\n{"a": 4}\n'
-    p.write_bytes(raw)
-    msg = _error(read_records, str(p))
-    assert msg.startswith(f"{p}:3:")
-    assert "UTF-8" in msg
-    bad_offset = raw.index(b"\xe9")  # 28
-    assert f"byte {bad_offset}" in msg
-
-
-def test_non_utf8_bytes_after_a_bom_name_the_right_line(tmp_path: Path) -> None:
-    p = tmp_path / "train.jsonl"
-    p.write_bytes(b'\xef\xbb\xbf{"a":1}\n\xff"a"\n')
-    msg = _error(read_records, str(p))
-    assert msg.startswith(f"{p}:2:")
 
 
 def test_utf8_bom_is_accepted_in_jsonl_json_and_csv(tmp_path: Path) -> None:
@@ -301,14 +152,6 @@ def test_utf8_bom_is_accepted_in_jsonl_json_and_csv(tmp_path: Path) -> None:
     assert _lines(read_records(str(jl))) == [(1, {"a": 1}), (2, {"a": 2})]
     assert _lines(read_records(str(js))) == [(1, {"a": 1})]
     assert _lines(read_records(str(cs))) == [(2, {"a": "1", "b": "2"})]  # no '\ufeffa' key
-
-
-def test_unsupported_suffix(tmp_path: Path) -> None:
-    p = tmp_path / "train.txt"
-    p.write_text('{"a": 1}\n', encoding="utf-8")
-    msg = _error(read_records, str(p))
-    assert msg.startswith(f"{p}:")
-    assert "'.txt'" in msg and ".jsonl" in msg
 
 
 def test_read_file_directly(tmp_path: Path) -> None:
@@ -378,3 +221,49 @@ def test_bad_file_inside_a_glob_is_named(tmp_path: Path) -> None:
     bad.write_text('{"v": 1}\n{oops}\n')
     msg = _error(read_records, str(tmp_path / "*.jsonl"))
     assert msg.startswith(f"{bad}:2:")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Every malformed file: one line that starts with file:line (or file: when no line applies) and says what is wrong.
+
+NON_UTF8 = b'{"a": 1}\n{"a": 2}\n{"a": "caf\xe9"}\n{"a": 4}\n'
+BAD_BYTE_AT = NON_UTF8.index(b"\xe9")  # 28
+BAD_FILES = [
+    # (case, file name, content, line or None, what the message must say)
+    ("jsonl-malformed-line", "train.jsonl", '{"a": 1}\n\n{"a": 2,}\n{"a": 3}\n', 3, ("malformed JSON", "fix or remove")),
+    ("jsonl-non-object-line", "train.jsonl", '{"a": 1}\n["not", "an", "object"]\n', 2,
+     ("expected a JSON object per line", "list")),
+    ("json-array-malformed-element", "train.json", '[\n  {"a": 1},\n  {"a": 2},\n  {"a": 3,\n   "b": }\n]\n', 5,
+     ("malformed JSON",)),
+    ("json-array-non-object-element", "train.json", '[\n  {"a": 1},\n  "just a string"\n]\n', 3, ("object", "str")),
+    ("json-array-not-closed", "train.json", '[\n  {"a": 1},\n', None, ("not closed",)),
+    ("json-that-is-jsonl-bad-line", "train.json", '{"a": 1}\n{"a": 2}\n{"a": \n', 3, ("malformed JSON",)),
+    ("json-rows-nested-under-a-key", "train.json", json.dumps({"data": [{"a": 1}]}), None, ("'data'", "top-level JSON list")),
+    ("json-scalar-document", "train.json", "42\n", 1, ("int",)),
+    ("json-malformed-object-document", "train.json", '{\n  "a": 1,\n  "b" 2\n}\n', 3, ("malformed JSON",)),
+    ("csv-too-many-values", "train.csv", "a,b\n1,2\n1,2,3\n", 3, ("more values than header columns",)),
+    ("csv-too-few-values", "train.csv", "a,b,c\n1,2,3\n4,5\n", 3, ("fewer values than header columns", "3 expected")),
+    ("csv-header-empty-column-name", "train.csv", "a,,c\n1,2,3\n", 1, ("header",)),
+    ("tsv-too-many-values", "train.tsv", "a\tb\n1\t2\t3\n", 2, ("more values",)),
+    ("empty-jsonl", "train.jsonl", b"", None, ("empty",)),
+    ("empty-json", "train.json", b"", None, ("empty",)),
+    ("empty-csv", "train.csv", b"", None, ("empty",)),
+    ("whitespace-only", "train.jsonl", "\n   \n\t\n", None, ("empty",)),
+    ("binary", "train.jsonl", b'{"a": 1}\n\x00\x01\x02\x89PNG\x00\x00', None, ("binary",)),
+    ("non-utf8-byte", "train.jsonl", NON_UTF8, 3, ("UTF-8", f"byte {BAD_BYTE_AT}")),
+    ("non-utf8-after-bom", "train.jsonl", b'\xef\xbb\xbf{"a":1}\n\xff"a"\n', 2, ()),
+    ("unsupported-suffix", "train.txt", '{"a": 1}\n', None, ("'.txt'", ".jsonl")),
+]
+
+
+@pytest.mark.parametrize("name, content, line, needed", [c[1:] for c in BAD_FILES], ids=[c[0] for c in BAD_FILES])
+def test_bad_file_names_file_line_and_problem(tmp_path: Path, name: str, content, line, needed) -> None:
+    p = tmp_path / name
+    if isinstance(content, bytes):
+        p.write_bytes(content)
+    else:
+        p.write_text(content, encoding="utf-8")
+    msg = _error(read_records, str(p))
+    assert msg.startswith(f"{p}:{line}:" if line is not None else f"{p}:")
+    for text in needed:
+        assert text in msg
