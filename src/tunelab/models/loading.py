@@ -11,15 +11,18 @@ A GGUF is dequantized to float32 by transformers once and saved as a safetensors
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
 import re
 import shutil
+import socket
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from tunelab.errors import TunelabError
 
@@ -163,24 +166,20 @@ def load_tokenizer(source: ModelSource):
 
 
 def _offline() -> bool:
-    """HF_HUB_OFFLINE is set, or the hub does not answer within a few seconds (checked once per process)."""
-    global _hub_down
+    """HF_HUB_OFFLINE is set, or the hub does not answer within a few seconds."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return True
-    if _hub_down is None:
-        import socket
-        from urllib.parse import urlparse
-
-        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-        try:
-            socket.create_connection((host, 443), timeout=3).close()
-            _hub_down = False
-        except OSError:  # no route, refused, DNS failure, timeout: fail fast instead of a minute of retries
-            _hub_down = True
-    return _hub_down
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    return not _reachable(host)
 
 
-_hub_down: bool | None = None
+@functools.cache  # asked once per process and host
+def _reachable(host: str) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+        return True
+    except OSError:  # no route, refused, DNS failure, timeout: fail fast instead of a minute of retries
+        return False
 
 
 def load_model(source: ModelSource, dtype=None):

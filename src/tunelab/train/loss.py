@@ -31,10 +31,8 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     n = int(keep.sum())
     # Packed rows carry position_ids and no attention mask: transformers then builds a block-diagonal causal mask.
     # (Only without a KV cache: with one, transformers does not look for packed sequences.)
-    if "position_ids" in batch:
-        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    else:
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    positions = "position_ids" if "position_ids" in batch else "attention_mask"
+    inputs = {"input_ids": batch["input_ids"], positions: batch[positions], "use_cache": False}
     decoder, head, softcap = _backbone_and_head(model)
     if decoder is None or head is None:
         logits = model(**inputs).logits[:, :-1]
