@@ -222,6 +222,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
     data = prepare_data(cfg.data, tokenizer, t.seed)
     device = pick_device(t.device)
     dtype = pick_precision(t.precision, device)
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     run_dir, checkpoint = _prepare_run_dir(cfg, resume)
     model = load_model(source)
     model.config.use_cache = False
@@ -255,7 +256,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
         f"{data.train_examples} train"
         + (f" (packed into {len(data.train)} rows)" if cfg.data.packing else "")
         + f" / {len(data.validation)} eval examples | {total_steps} steps | "
-        f"{device.type} {'bf16' if dtype == torch.bfloat16 else 'fp16' if dtype == torch.float16 else 'fp32'}"
+        f"{device.type} {precision}"
         + (f" | resumed at step {state['step']}" if checkpoint is not None else "")
     )
 
@@ -382,7 +383,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
         "eval_perplexity": round(math.exp(final_eval), 4) if final_eval is not None else None,
         "initial_eval_loss": _round(state.get("initial_eval")),
         "best_eval_loss": _round(state["best_eval"]),
-        "precision": "bf16" if dtype == torch.bfloat16 else "fp16" if dtype == torch.float16 else "fp32",
+        "precision": precision,
         "device": device.type,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
