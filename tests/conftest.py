@@ -5,12 +5,15 @@ from __future__ import annotations
 import csv
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Prepared-data cache entries of test runs go to a throw-away directory, never the user's cache.
+os.environ.setdefault("TUNELAB_DATA_CACHE", tempfile.mkdtemp(prefix="tunelab-test-data-cache-"))
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -195,6 +195,211 @@ def demo(
     out.print(f"train time {demo_run.summary['wall_time_s']:.0f}s; try: tunelab chat {demo_run.run_dir}", highlight=False)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# tunelab data check | prepare | preview
+
+data_app = typer.Typer(help="Validate, prepare and inspect training data before a step is spent.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def _tokenizer_for(model: str):
+    _quiet_libraries()
+    from tunelab.models.loading import load_tokenizer, resolve_model
+
+    return load_tokenizer(resolve_model(model))
+
+
+@data_app.command(epilog="Examples: tunelab data check raw/train.jsonl | tunelab data check raw/*.csv --format prompt_response "
+                  "--max-length 1024 | tunelab data check configs/lora-alpaca.yaml --json > check.json")
+def check(
+    files: list[str] = typer.Argument(..., help="Data files or globs, or one run config YAML (checks its train/validation/test)."),
+    format: str | None = typer.Option(None, "--format", "-f", help="alpaca | prompt_response | messages | text (default: detect)."),
+    model: str = typer.Option("default", help="Model whose tokenizer and chat template measure lengths ('none' to skip)."),
+    max_length: int = typer.Option(512, help="Rows longer than this many tokens are reported."),
+    label: str | None = typer.Option(None, help="Row field holding a class label (default: 'label' or short responses)."),
+    near: float | None = typer.Option(None, help="Also report near-duplicates at this Jaccard similarity (e.g. 0.85)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Validate every row and list every problem (file:line: field: problem). Exit 0 when clean, 2 when not."""
+    try:
+        from tunelab.data.check import check_files
+        from tunelab.data.formats import FORMATS
+
+        train_on_inputs = False
+        if len(files) == 1 and files[0].endswith((".yaml", ".yml")):
+            from tunelab.config import load_config
+
+            cfg = load_config(files[0])
+            specs = [cfg.data.train] + [s for s in (cfg.data.validation, cfg.data.test) if isinstance(s, (str, list))]
+            files = [f for spec in specs for f in ([spec] if isinstance(spec, str) else spec)]
+            format, max_length, train_on_inputs = format or cfg.data.format, cfg.data.max_length, cfg.data.train_on_inputs
+            model = model if model != "default" else cfg.model
+        if format is not None and format not in FORMATS:
+            raise TunelabError(f"--format: unknown format '{format}'; choose one of {', '.join(FORMATS)}")
+        if near is not None and not 0 < near <= 1:
+            raise TunelabError(f"--near: a similarity between 0 and 1 (e.g. 0.85), got {near}")
+        tokenizer = None if model.lower() == "none" else _tokenizer_for(model)
+        report = check_files(files, format, tokenizer, max_length, train_on_inputs, label, near)
+    except TunelabError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        import json
+
+        sys.stdout.write(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
+    else:
+        _print_check(report)
+    raise typer.Exit(0 if report.clean else 2)
+
+
+def _print_check(report) -> None:
+    from tunelab.data.check import label_balance_warning
+
+    say = lambda text: out.print(text, highlight=False)  # noqa: E731
+    say(f"[bold]{escape(', '.join(report.files))}[/bold] (format {report.format or '?'}): "
+        f"{report.rows_read:,} rows read, {report.rows_valid:,} valid")
+    if report.problems:
+        say(f"[red]x {len(report.problems)} invalid row(s) or file problem(s):[/red]")
+        for p in report.problems:
+            say(f"  {escape(p.text)}")
+    if report.duplicates:
+        say(f"[red]x {len(report.duplicates)} duplicate row(s) (remove them or set data.dedupe: true):[/red]")
+        for row, kind, first in report.duplicates:
+            say(f"  {escape(row)}: {kind} duplicate of {escape(first)}")
+    if report.too_long:
+        overs = [n for _, n in report.too_long]
+        say(f"[yellow]! {len(overs)} row(s) longer than max_length {report.max_length} tokens, by {min(overs)} to {max(overs)} "
+            "tokens; their responses will be cut (raise data.max_length to keep them):[/yellow]")
+        say("  " + ", ".join(f"{escape(r)} (+{n})" for r, n in report.too_long))
+    if report.mojibake:
+        say(f"[yellow]! {len(report.mojibake)} row(s) look like mojibake (UTF-8 decoded as Latin-1 upstream); "
+            "re-export the source as UTF-8:[/yellow]")
+        say("  " + ", ".join(f"{escape(r)} ({escape(s)!r})" for r, s in report.mojibake))
+    if report.labels:
+        total = sum(report.labels.values())
+        say(f"labels ({escape(report.label_field)}): "
+            + ", ".join(f"{escape(k)} {v} ({v / total:.1%})" for k, v in report.labels.items()))
+        warning = label_balance_warning(report.labels)
+        if warning:
+            say(f"[yellow]! {escape(warning)}[/yellow]")
+    if report.clean:
+        say("[green]clean[/green]")
+    else:
+        say(f"[red]not clean:[/red] {len(report.problems)} invalid, {len(report.duplicates)} duplicate(s)")
+
+
+@data_app.command(epilog="Example: tunelab data prepare configs/prepare-alpaca.yaml | tunelab data prepare run.yaml data.pii=true "
+                  "data.split.stratify=label")
+def prepare(
+    config: Path = typer.Argument(..., help="Run config YAML; the data: section says which steps run."),
+    overrides: list[str] | None = typer.Argument(None, help="key.sub=value overrides, e.g. data.dedupe.near=true"),
+) -> None:
+    """Clean, anonymize, dedupe, split and augment as data: configures; write the splits and reports to <output.dir>/data.
+
+    `tunelab train` runs the same steps with the same settings (cached, so the second time costs seconds)."""
+    try:
+        from tunelab.config import load_config
+
+        cfg = load_config(config, overrides)
+        run_dir = Path(cfg.output.dir)
+        if (run_dir / "summary.json").exists() or (run_dir / "checkpoints").exists():
+            raise TunelabError(f"output.dir: {run_dir} holds a trained run; prepare into a new output.dir so its record stays as it was")
+        if run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / "data").is_dir() and not (run_dir / "config.yaml").exists():
+            raise TunelabError(f"output.dir: {run_dir} is not empty and is not a tunelab run; choose a new or empty directory")
+        _quiet_libraries()
+        from tunelab.data.dataset import copy_prepared, prepare_data
+        from tunelab.models.loading import load_model, load_tokenizer, resolve_model
+
+        source = resolve_model(cfg.model)
+        tokenizer = load_tokenizer(source)
+        data = prepare_data(cfg.data, tokenizer, cfg.training.seed, load_generator=lambda: (load_model(source), tokenizer),
+                            model_spec=source.spec)
+        copy_prepared(data, run_dir / "data")
+    except TunelabError as exc:
+        _fail(exc)
+        return
+    _print_prepared(data, run_dir / "data")
+
+
+def _print_prepared(data, where: Path) -> None:
+    from rich.table import Table
+
+    report = data.report
+    table = Table(title=f"data prepare ({'cache hit, ' if data.cache_hit else ''}{data.seconds:.1f} s)")
+    table.add_column("step")
+    table.add_column("what it did")
+    for step in report["steps"]:
+        table.add_row(step["step"], escape(", ".join(f"{k} {v}" for k, v in step.items() if k != "step")))
+    out.print(table)
+    sizes = report["splits"]
+    total = sum(sizes.values()) or 1
+    out.print("splits: " + ", ".join(f"{k} {v} ({v / total:.1%})" for k, v in sizes.items()), highlight=False)
+    if report["removed"]:
+        out.print(f"removed {report['removed']} row(s): " + ", ".join(f"{k} {v}" for k, v in report["removed_by_step"].items())
+                  + f" (each listed in {escape(str(where / 'removed_rows.jsonl'))})", highlight=False)
+    for warning in report["warnings"]:
+        out.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
+    out.print(f"wrote {escape(str(where))}/ (train/validation/test.jsonl, data_report.html, token_lengths.png)", highlight=False)
+
+
+@data_app.command(epilog="Example: tunelab data preview configs/demo.yaml --n 2 | tunelab data preview run.yaml --split validation")
+def preview(
+    config: Path = typer.Argument(..., help="Run config YAML."),
+    overrides: list[str] | None = typer.Argument(None, help="key.sub=value overrides."),
+    n: int = typer.Option(3, "--n", "-n", help="How many examples to show."),
+    split: str = typer.Option("train", help="train or validation."),
+) -> None:
+    """Show examples exactly as the model sees them: chat template applied, tokens that carry loss highlighted."""
+    try:
+        from tunelab.config import load_config
+
+        cfg = load_config(config, overrides)
+        if split not in ("train", "validation"):
+            raise TunelabError(f"--split: choose train or validation (got '{split}')")
+        if n < 1:
+            raise TunelabError(f"--n: must be at least 1 (got {n})")
+        _quiet_libraries()
+        from tunelab.data.dataset import prepare_data
+        from tunelab.models.loading import load_model, load_tokenizer, resolve_model
+
+        source = resolve_model(cfg.model)
+        tokenizer = load_tokenizer(source)
+        data = prepare_data(cfg.data, tokenizer, cfg.training.seed, load_generator=lambda: (load_model(source), tokenizer),
+                            model_spec=source.spec)
+    except TunelabError as exc:
+        _fail(exc)
+        return
+    rows = data.train if split == "train" else data.validation
+    out.print("[bold green]green[/bold green] = tokens that carry loss, [dim]dim[/dim] = context only"
+              + (", [magenta]|next example|[/magenta] = packing boundary" if cfg.data.packing else ""), highlight=False)
+    for i in range(min(n, len(rows))):
+        _print_example(rows[i], tokenizer)
+
+
+def _print_example(enc, tokenizer) -> None:
+    from rich.text import Text
+
+    from tunelab.data.tokenize import IGNORE
+
+    out.rule(f"{enc.source[:80]}  ({len(enc.input_ids)} tokens, {enc.n_trained} trained{', truncated' if enc.truncated else ''})")
+    text = Text()
+    starts = {i for i, p in enumerate(enc.position_ids or []) if p == 0 and i > 0}
+    run: list[int] = []
+    trained = None
+    for i, (tok, lab) in enumerate(zip(enc.input_ids, enc.labels)):
+        state = lab != IGNORE
+        if run and (state != trained or i in starts):
+            text.append(tokenizer.decode(run), style="bold green" if trained else "dim")
+            run = []
+        if i in starts:
+            text.append("|next example|", style="magenta")
+        run.append(tok)
+        trained = state
+    if run:
+        text.append(tokenizer.decode(run), style="bold green" if trained else "dim")
+    out.print(text)
+
+
 def main() -> None:
     try:
         app()

@@ -29,6 +29,66 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+PII_TYPE_NAMES = ("email", "phone", "credit_card", "ip", "iban", "url_credentials", "person")
+
+
+class CleanConfig(Section):
+    unicode: Literal["NFC", "NFKC"] | None = Field(default="NFC", description="Unicode normalization form (null: none).")
+    control_chars: bool = Field(default=True, description="Drop control and zero-width characters (keeps newlines and tabs).")
+    whitespace: bool = Field(default=True, description="Normalize line endings and odd spaces, strip trailing spaces and ends.")
+    html: bool = Field(default=True, description="Unescape HTML entities and drop formatting tags (<br>, <p>, <b>, ...).")
+
+
+class DedupeConfig(Section):
+    exact: bool = Field(default=True, description="Drop rows identical to an earlier one after normalization.")
+    near: bool = Field(default=False, description="Drop near-duplicates (MinHash/LSH on character shingles).")
+    threshold: float = Field(default=0.85, gt=0, le=1, description="Jaccard similarity at which two rows are near-duplicates.")
+
+
+class PiiConfig(Section):
+    types: list[Literal[PII_TYPE_NAMES]] = Field(  # type: ignore[valid-type]
+        default=["email", "phone", "credit_card", "ip", "iban", "url_credentials"],
+        description="PII kinds replaced by typed placeholders such as <EMAIL>; 'person' needs presidio.",
+    )
+    region: str = Field(default="US", description="Region for phone numbers written without a country code (e.g. US, GB, DE).")
+
+
+class SplitConfig(Section):
+    train: float = Field(default=0.70, ge=0, le=1)
+    validation: float = Field(default=0.15, ge=0, le=1)
+    test: float = Field(default=0.15, ge=0, le=1)
+    seed: int | None = Field(default=None, description="Split seed (default: training.seed).")
+    stratify: str | None = Field(default=None, description="Row field whose values keep their proportions in every split.")
+    group: str | None = Field(default=None, description="Row field; rows with the same value stay in the same split.")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitConfig:
+        if abs(self.train + self.validation + self.test - 1.0) > 1e-6:
+            raise ValueError(f"train + validation + test must add up to 1 (got {self.train + self.validation + self.test:g})")
+        if self.train <= 0:
+            raise ValueError("the train fraction must be above 0")
+        if self.stratify and self.group:
+            raise ValueError("choose stratify or group, not both")
+        return self
+
+
+class AugmentConfig(Section):
+    eda: int = Field(default=0, ge=0, description="EDA variants (swap, delete, insert, synonyms) added per training row.")
+    paraphrase: int = Field(default=0, ge=0, description="Paraphrases of each training prompt written by the base model.")
+    alpha: float = Field(default=0.1, gt=0, le=0.5, description="Share of words an EDA operation touches.")
+    temperature: float = Field(default=0.7, ge=0, description="Sampling temperature for paraphrases.")
+    seed: int | None = Field(default=None, description="Augmentation seed (default: training.seed).")
+
+
+def _section_flag(value: Any) -> Any:
+    """`true` turns a pipeline step on with its defaults, `false`/null turns it off."""
+    if value is True:
+        return {}
+    if value is False:
+        return None
+    return value
+
+
 class DataConfig(Section):
     train: str | list[str] = Field(description="Training file(s): a path, a glob, or a list of them (JSON, JSONL, CSV).")
     validation: str | list[str] | float | None = Field(
@@ -44,6 +104,42 @@ class DataConfig(Section):
         description="Pack several training examples into each max_length sequence; attention stays inside each example.",
     )
     system_prompt: str | None = Field(default=None, description="System message added to every conversation that has none.")
+    test: str | list[str] | None = Field(default=None, description="Test file(s): never trained on; checked for leakage.")
+    on_invalid: Literal["error", "skip"] = Field(
+        default="error", description="error: stop at invalid rows; skip: leave them out and list them in the run directory."
+    )
+    clean: CleanConfig | None = Field(default=None, description="Clean text fields (true for the defaults).")
+    pii: PiiConfig | None = Field(default=None, description="Replace PII with typed placeholders (true, or a list of types).")
+    dedupe: DedupeConfig | None = Field(default=None, description="Remove exact / near-duplicate rows, also across splits.")
+    split: SplitConfig | None = Field(default=None, description="Split data.train into train/validation/test (0.70/0.15/0.15).")
+    augment: AugmentConfig | None = Field(default=None, description="Add augmented copies of training rows.")
+    cache: bool = Field(default=True, description="Reuse prepared and tokenized data when inputs and settings are unchanged.")
+
+    @field_validator("clean", "dedupe", "split", "augment", mode="before")
+    @classmethod
+    def _flag(cls, v: Any) -> Any:
+        return _section_flag(v)
+
+    @field_validator("pii", mode="before")
+    @classmethod
+    def _pii_flag(cls, v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return {"types": list(v)}
+        return _section_flag(v)
+
+    @model_validator(mode="after")
+    def _one_way_to_split(self) -> DataConfig:
+        if self.split is not None and self.validation is not None:
+            raise ValueError("split and validation are both set; remove one (split makes the validation set)")
+        if self.split is not None and self.test is not None:
+            raise ValueError("split and test are both set; remove one (split makes the test set)")
+        return self
+
+    @property
+    def pipeline_steps(self) -> list[str]:
+        """The optional preparation steps this config turns on, in the order they run."""
+        steps = [("clean", self.clean), ("pii", self.pii), ("dedupe", self.dedupe), ("split", self.split), ("augment", self.augment)]
+        return [name for name, on in steps if on is not None]
 
     @field_validator("validation")
     @classmethod

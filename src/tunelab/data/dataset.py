@@ -1,68 +1,127 @@
-"""From the `data:` config to tokenized train/validation sets, batches and a seeded, resumable batch order."""
+"""From the `data:` config to tokenized train/validation sets (prepared once, then cached), batches and a seeded,
+resumable batch order."""
 
 from __future__ import annotations
 
 import bisect
+import json
 import random
-from dataclasses import dataclass
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from tunelab.config import DataConfig
-from tunelab.data.formats import Example, to_examples
-from tunelab.data.readers import read_records
+from tunelab.data.cache import EncodedTable, data_cache_dir, fingerprint, lookup, save_encoded, store
+from tunelab.data.formats import Example
+from tunelab.data.pipeline import SPLITS, Removed, fail_on, run_pipeline
+from tunelab.data.readers import Problem
+from tunelab.data.report import REPORT_FILES, write_report
 from tunelab.data.tokenize import IGNORE, Encoded, encode_example
 from tunelab.errors import TunelabError
 
 
 @dataclass
 class PreparedData:
-    train: list[Encoded]
-    validation: list[Encoded]
+    train: Sequence[Encoded]
+    validation: Sequence[Encoded]
     format: str
     truncated: int
     train_examples: int  # before packing (len(train) counts packed rows)
+    report: dict = field(default_factory=dict)
+    files: Path | None = None  # the directory holding the prepared splits and report files
+    cache_hit: bool = False
+    seconds: float = 0.0
 
     @property
     def train_tokens(self) -> int:
         return sum(len(e.input_ids) for e in self.train)
 
-
-def load_examples(cfg: DataConfig, seed: int) -> tuple[list[Example], list[Example], str]:
-    """Read and validate every row; split off a seeded validation fraction when asked to."""
-    train, fmt = to_examples(read_records(cfg.train, "data.train"), cfg.format)
-    validation: list[Example] = []
-    if isinstance(cfg.validation, float):
-        if len(train) < 2:
-            raise TunelabError("data.validation: cannot hold out a fraction of a single training row; add rows or give a file")
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        n_val = max(1, round(cfg.validation * len(train)))
-        held = set(order[:n_val])
-        validation = [e for i, e in enumerate(train) if i in held]
-        train = [e for i, e in enumerate(train) if i not in held]
-    elif cfg.validation is not None:
-        validation, _ = to_examples(read_records(cfg.validation, "data.validation"), cfg.format or fmt)
-    return train, validation, fmt
+    @property
+    def warnings(self) -> list[str]:
+        return self.report.get("warnings", [])
 
 
-def encode_all(examples: list[Example], tokenizer, cfg: DataConfig) -> list[Encoded]:
+def encode_all(examples: list[Example], tokenizer, cfg: DataConfig, problems: list[Problem] | None = None) -> list[Encoded]:
+    """Tokenize examples; a row that cannot be trained is raised, or recorded in `problems` when given."""
     out: list[Encoded] = []
     for ex in examples:
-        out.extend(encode_example(ex, tokenizer, cfg.max_length, cfg.train_on_inputs))
+        try:
+            out.extend(encode_example(ex, tokenizer, cfg.max_length, cfg.train_on_inputs))
+        except TunelabError as exc:
+            if problems is None:
+                raise
+            file, _, line = ex.source.rpartition(":")
+            problems.append(Problem(file, int(line) if line.isdigit() else None, str(exc), "tokenize"))
     return out
 
 
-def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
-    """Read, validate, split and tokenize. Raises TunelabError on the first bad row (file:line)."""
-    train_ex, val_ex, fmt = load_examples(cfg, seed)
-    train, validation = encode_all(train_ex, tokenizer, cfg), encode_all(val_ex, tokenizer, cfg)
-    if not train:
+def prepare_data(cfg: DataConfig, tokenizer, seed: int, load_generator: Callable[[], tuple] | None = None,
+                 model_spec: str = "") -> PreparedData:
+    """Run the data pipeline and tokenize, or load both from the cache when inputs and settings are unchanged.
+
+    Raises:
+        TunelabError: invalid rows (unless data.on_invalid: skip), nothing left to train on.
+    """
+    start = time.perf_counter()
+    key = fingerprint(cfg, seed, tokenizer, model_spec) if cfg.cache else None
+    entry = lookup(key) if key else None
+    if entry is not None:
+        meta = json.loads((entry / "meta.json").read_text())
+        train = EncodedTable(entry / "tokens" / "train.arrow")
+        validation = EncodedTable(entry / "tokens" / "validation.arrow")
+        report = json.loads((entry / "data_report.json").read_text())
+        return PreparedData(train, validation, meta["format"], meta["truncated"], meta["train_examples"], report, entry,
+                            cache_hit=True, seconds=time.perf_counter() - start)
+
+    result = run_pipeline(cfg, seed, load_generator)
+    problems: list[Problem] = []
+    encoded = {name: encode_all(result.examples(name, cfg.system_prompt), tokenizer, cfg, problems) for name in SPLITS}
+    if problems:
+        if cfg.on_invalid == "error":
+            fail_on(problems)
+        bad = {p.where for p in problems}
+        result.removed += [Removed(p.where, "tokenize", p.text) for p in problems]
+        result.splits = {name: [r for r in rows if r.where not in bad] for name, rows in result.splits.items()}
+        result.warnings.append(f"skipped {len(problems)} row(s) that cannot be trained (data.on_invalid: skip); first: {problems[0].text}")
+    if not encoded["train"]:
         raise TunelabError("data.train: no trainable examples after tokenization; check the rows")
-    truncated, n_train = sum(e.truncated for e in train + validation), len(train)
-    if cfg.packing:
-        train = pack_examples(train, cfg.max_length)
-    return PreparedData(train, validation, fmt, truncated, n_train)
+    truncated = sum(e.truncated for e in encoded["train"] + encoded["validation"])
+    train = pack_examples(encoded["train"], cfg.max_length) if cfg.packing else encoded["train"]
+
+    build = Path(tempfile.mkdtemp(prefix="prepare-", dir=_build_root(key)))
+    report = write_report(result, encoded, cfg.max_length, build)
+    (build / "tokens").mkdir()
+    save_encoded(build / "tokens" / "train.arrow", train)
+    save_encoded(build / "tokens" / "validation.arrow", encoded["validation"])
+    meta = {"format": result.format, "truncated": truncated, "train_examples": len(encoded["train"])}
+    (build / "meta.json").write_text(json.dumps(meta))
+    files = store(key, build) if key else build
+    return PreparedData(train, encoded["validation"], result.format, truncated, len(encoded["train"]), report, files,
+                        seconds=time.perf_counter() - start)
+
+
+def _build_root(key: str | None) -> str | None:
+    if key is None:
+        return None  # the system temp dir; nothing is cached
+    root = data_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    return str(root)
+
+
+def copy_prepared(data: PreparedData, out: Path, splits: bool = True) -> None:
+    """Copy the report files (and the prepared split JSONL files) into `out`, e.g. `<run>/data`."""
+    if data.files is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(REPORT_FILES) + ([f"{s}.jsonl" for s in SPLITS] + ["removed_rows.jsonl"] if splits else [])
+    for name in names:
+        if (data.files / name).is_file():
+            shutil.copyfile(data.files / name, out / name)
 
 
 def pack_examples(examples: list[Encoded], max_length: int) -> list[Encoded]:

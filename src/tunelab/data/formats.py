@@ -118,7 +118,27 @@ def chat_messages(rec: Record) -> Example:
         out.append(msg)
     if not any(m["role"] == "assistant" for m in out):
         raise TunelabError(f"{rec.where}: messages: no assistant message; nothing to learn from this row")
+    check_turn_order(out, f"{rec.where}: messages")
     return Example(rec.where, out)
+
+
+def check_turn_order(messages: list[dict], at: str) -> None:
+    """A conversation is an optional system message, then user and assistant turns alternating, user first.
+
+    Chat templates and loss masks assume that order; two user turns in a row usually mean a lost reply.
+
+    Raises:
+        TunelabError: assistant first, or two turns of the same role in a row.
+    """
+    turns = [m["role"] for m in messages if m["role"] != "system"]
+    if turns and turns[0] != "user":
+        raise TunelabError(f"{at}[{len(messages) - len(turns)}]: the conversation starts with an {turns[0]} turn; "
+                           "start with a user turn (after an optional system message)")
+    offset = len(messages) - len(turns)
+    for i in range(1, len(turns)):
+        if turns[i] == turns[i - 1]:
+            raise TunelabError(f"{at}[{offset + i}]: two {turns[i]} turns in a row; merge them or add the missing "
+                               f"{'assistant' if turns[i] == 'user' else 'user'} turn between them")
 
 
 def raw_text(rec: Record) -> Example:

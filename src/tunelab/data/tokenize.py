@@ -30,6 +30,7 @@ class Encoded:
     source: str
     truncated: bool = False
     position_ids: list[int] | None = None  # set for packed rows: positions restart at 0 for each example
+    full_length: int = 0  # tokens before truncation to max_length
 
     @property
     def n_trained(self) -> int:
@@ -75,7 +76,7 @@ def encode_example(ex: Example, tokenizer, max_length: int, train_on_inputs: boo
         if tokenizer.eos_token_id is not None:
             ids = ids + [tokenizer.eos_token_id]
         windows = [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
-        return [Encoded(w, list(w), ex.source, truncated=False) for w in windows if len(w) > 1]
+        return [Encoded(w, list(w), ex.source, truncated=False, full_length=len(w)) for w in windows if len(w) > 1]
 
     text, spans = trained_char_spans(tokenizer, ex.messages, train_on_inputs)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -93,7 +94,7 @@ def encode_example(ex: Example, tokenizer, max_length: int, train_on_inputs: boo
             "raise data.max_length or shorten the row"
         )
     truncated = len(ids) > max_length
-    return [Encoded(ids[:max_length], labels[:max_length], ex.source, truncated)]
+    return [Encoded(ids[:max_length], labels[:max_length], ex.source, truncated, full_length=len(ids))]
 
 
 def ensure_chat_template(tokenizer) -> None:

@@ -22,9 +22,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.markup import escape
 
 from tunelab.config import RunConfig
-from tunelab.data.dataset import PreparedData, batches_of, collate, epoch_order, length_grouped_batches, prepare_data
+from tunelab.data.dataset import (
+    PreparedData,
+    batches_of,
+    collate,
+    copy_prepared,
+    epoch_order,
+    length_grouped_batches,
+    prepare_data,
+)
 from tunelab.data.tokenize import IGNORE, Encoded
 from tunelab.errors import TunelabError
 from tunelab.methods import attach_method, count_parameters
@@ -160,6 +169,8 @@ def _prepare_run_dir(cfg: RunConfig, resume: bool | str) -> tuple[Path, Path | N
         if resume is True:
             raise TunelabError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; run without --resume to start fresh")
     if run_dir.exists() and any(run_dir.iterdir()):
+        if {p.name for p in run_dir.iterdir()} == {"data"} and (run_dir / "data" / "data_report.json").is_file():
+            return run_dir, None  # only `tunelab data prepare` output: train writes the same files again
         if not (run_dir / "config.yaml").is_file():
             raise TunelabError(f"output.dir: {run_dir} is not empty and is not a tunelab run; choose a new or empty directory")
         # A run killed before its first checkpoint has nothing to resume or keep; anything more needs consent.
@@ -219,7 +230,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
     # 1. Everything a user can get wrong, checked before anything is written.
     source: ModelSource = resolve_model(cfg.model)
     tokenizer = load_tokenizer(source)
-    data = prepare_data(cfg.data, tokenizer, t.seed)
+    data = prepare_data(cfg.data, tokenizer, t.seed, load_generator=lambda: (load_model(source), tokenizer), model_spec=source.spec)
     device = pick_device(t.device)
     dtype = pick_precision(t.precision, device)
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
@@ -239,10 +250,11 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
     scheduler = build_scheduler(optimizer, total_steps, warmup, t.schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # loss scaling for fp16 only
     pad_id = tokenizer.pad_token_id
-    lengths = [len(e.input_ids) for e in data.train]
+    lengths = data.train.lengths() if hasattr(data.train, "lengths") else [len(e.input_ids) for e in data.train]
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    copy_prepared(data, run_dir / "data", splits=bool(cfg.data.pipeline_steps) or data.report.get("removed", 0) > 0)
     clean_partial(run_dir / "checkpoints")
     state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_eval": None, "bad_evals": 0, "tokens": 0, "trained_tokens": 0, "elapsed": 0.0}
     best: dict | None = None
@@ -259,6 +271,9 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
         f"{device.type} {precision}"
         + (f" | resumed at step {state['step']}" if checkpoint is not None else "")
     )
+    progress.note(f"data: {'cache hit' if data.cache_hit else 'prepared'} in {data.seconds:.1f} s -> {run_dir / 'data'}")
+    for warning in data.warnings:
+        progress.note(f"[yellow]warning:[/yellow] {escape(warning)}")
 
     def evaluate() -> float | None:
         if not data.validation:
@@ -369,6 +384,8 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
         "train_rows": len(data.train),
         "eval_examples": len(data.validation),
         "truncated_examples": data.truncated,
+        "data_cache_hit": data.cache_hit,
+        "data_prepare_s": round(data.seconds, 3),
         "trainable_params": trainable,
         "total_params": total_params,
         "steps": state["step"],
