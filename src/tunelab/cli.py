@@ -255,7 +255,7 @@ def check(
 def _print_check(report) -> None:
     from tunelab.data.check import label_balance_warning
 
-    say = lambda text: out.print(text, highlight=False)  # noqa: E731
+    say = lambda text: out.print(text, highlight=False, soft_wrap=True)  # noqa: E731
     say(f"[bold]{escape(', '.join(report.files))}[/bold] (format {report.format or '?'}): "
         f"{report.rows_read:,} rows read, {report.rows_valid:,} valid")
     if report.problems:
@@ -321,6 +321,20 @@ def prepare(
     _print_prepared(data, run_dir / "data")
 
 
+def _describe_step(step: dict) -> str:
+    """`{'step': 'pii', 'rows_changed': 2, 'found': {'email': 1, 'ip': 0}}` -> 'rows changed 2; found: email 1'."""
+    parts = []
+    for key, value in step.items():
+        if key == "step":
+            continue
+        if isinstance(value, dict):
+            inner = ", ".join(f"{k} {v}" for k, v in value.items() if v)
+            parts.append(f"{key.replace('_', ' ')}: {inner or 'none'}")
+        else:
+            parts.append(f"{key.replace('_', ' ')} {value}")
+    return "; ".join(parts)
+
+
 def _print_prepared(data, where: Path) -> None:
     from rich.table import Table
 
@@ -329,7 +343,7 @@ def _print_prepared(data, where: Path) -> None:
     table.add_column("step")
     table.add_column("what it did")
     for step in report["steps"]:
-        table.add_row(step["step"], escape(", ".join(f"{k} {v}" for k, v in step.items() if k != "step")))
+        table.add_row(step["step"], escape(_describe_step(step)))
     out.print(table)
     sizes = report["splits"]
     total = sum(sizes.values()) or 1

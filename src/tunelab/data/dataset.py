@@ -85,7 +85,7 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int, load_generator: Callable
         if cfg.on_invalid == "error":
             fail_on(problems)
         bad = {p.where for p in problems}
-        result.removed += [Removed(p.where, "tokenize", p.text) for p in problems]
+        result.removed += [Removed(p.where, "tokenize", p.text.removeprefix(p.where + ": ")) for p in problems]
         result.splits = {name: [r for r in rows if r.where not in bad] for name, rows in result.splits.items()}
         result.warnings.append(f"skipped {len(problems)} row(s) that cannot be trained (data.on_invalid: skip); first: {problems[0].text}")
     if not encoded["train"]:

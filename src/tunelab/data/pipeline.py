@@ -369,9 +369,11 @@ def run_pipeline(cfg: DataConfig, seed: int, load_generator: Callable[[], tuple]
         if problems:
             fail_on(problems)
         raise TunelabError("data.train: the data files contain no rows; add rows to the training file")
+    files = {name: i for i, name in enumerate(dict.fromkeys(p.file for p in problems))}
+    problems.sort(key=lambda p: (files[p.file], p.line or 0))  # reading and validating find them in two passes
     if problems and cfg.on_invalid == "error":
         fail_on(problems)
-    removed = [Removed(p.where, "invalid", p.text) for p in problems]
+    removed = [Removed(p.where, "invalid", p.text.removeprefix(p.where + ": ")) for p in problems]
     n_read = sum(len(v) for v in splits.values()) + len(problems)
     steps: list[dict] = [{"step": "read", "rows": n_read, "invalid": len(problems), "valid": n_read - len(problems)}]
     warnings: list[str] = []
