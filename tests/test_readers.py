@@ -267,3 +267,56 @@ def test_bad_file_names_file_line_and_problem(tmp_path: Path, name: str, content
     assert msg.startswith(f"{p}:{line}:" if line is not None else f"{p}:")
     for text in needed:
         assert text in msg
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading on past problems (data check, on_invalid: skip): every bad line recorded, every good line kept
+
+
+def test_lenient_jsonl_records_every_bad_line_and_keeps_the_rest(tmp_path: Path) -> None:
+    p = tmp_path / "train.jsonl"
+    p.write_bytes(b'{"a": 1}\n{"a": \n[1]\n{"a": "caf\xe9"}\n\n{"a": 5}\n')
+    problems: list = []
+    records = list(read_file(p, problems))
+    assert _lines(records) == [(1, {"a": 1}), (6, {"a": 5})]
+    assert [(x.line, x.kind) for x in problems] == [(2, "json"), (3, "json"), (4, "encoding")]
+    assert all(x.text.startswith(f"{p}:{x.line}: ") for x in problems)
+
+
+def test_lenient_csv_keeps_good_rows_around_bad_ones(tmp_path: Path) -> None:
+    p = tmp_path / "train.csv"
+    p.write_bytes(b"a,b\n1,2\n3,4,5\n6\n7,8\n9,caf\xe9\n")
+    problems: list = []
+    records = list(read_file(p, problems))
+    assert _lines(records) == [(2, {"a": "1", "b": "2"}), (5, {"a": "7", "b": "8"})]
+    assert [(x.line, x.kind) for x in problems] == [(6, "encoding"), (3, "csv"), (4, "csv")]
+
+
+def test_lenient_json_array_says_where_it_had_to_stop(tmp_path: Path) -> None:
+    p = tmp_path / "train.json"
+    p.write_text('[\n {"a": 1},\n {"a": },\n {"a": 3}\n]\n')
+    problems: list = []
+    assert _lines(read_file(p, problems)) == [(2, {"a": 1})]
+    assert len(problems) == 1 and problems[0].line == 3 and "rows after it were not read" in problems[0].text
+
+
+def test_an_overlong_line_is_reported_not_read(tmp_path: Path, monkeypatch) -> None:
+    import tunelab.data.readers as readers
+
+    monkeypatch.setattr(readers, "MAX_LINE_BYTES", 1000)
+    p = tmp_path / "train.jsonl"
+    p.write_text('{"a": 1}\n{"a": "' + "x" * 5000 + '"}\n{"a": 3}\n')
+    problems: list = []
+    assert _lines(read_file(p, problems)) == [(1, {"a": 1}), (3, {"a": 3})]
+    assert [(x.line, x.kind) for x in problems] == [(2, "too_big")]
+    msg = _error(read_records, str(p))
+    assert msg.startswith(f"{p}:2: line is longer than")
+
+
+def test_lenient_file_level_problems_are_one_entry_each(tmp_path: Path) -> None:
+    empty, binary = tmp_path / "empty.jsonl", tmp_path / "blob.jsonl"
+    empty.write_text("")
+    binary.write_bytes(b"\x00\x01\x02")
+    problems: list = []
+    assert read_records([str(empty), str(binary)], problems=problems) == []
+    assert [(x.file, x.line, x.kind) for x in problems] == [(str(empty), None, "file"), (str(binary), None, "file")]
