@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import run_config, write_csv, write_jsonl
+from rich.console import Console
 from test_cli_errors import user_error
 from test_pipeline import qa_rows
-from rich.console import Console
 from typer.testing import CliRunner
 
 from tunelab import cli
-
 from tunelab.cli import app
 from tunelab.data.check import check_files
 
@@ -135,7 +134,8 @@ def test_prepare_writes_splits_reports_and_removed_rows(tmp_path: Path, tiny_mod
     rows = qa_rows(100, label_every=4)
     rows[10]["prompt"] += " Mail me: sam@example.com"
     path = write_jsonl(tmp_path / "train.jsonl", rows + [rows[3]])
-    cfg = prepare_cfg(tmp_path, tiny_model_dir, path, clean=True, pii=["email"], dedupe=True, split={"stratify": "label"})
+    cfg = prepare_cfg(tmp_path, tiny_model_dir, path, clean=True, pii=["email"], dedupe=True, split={"stratify": "label"},
+                      max_length=256)
     result = runner.invoke(app, ["data", "prepare", str(cfg)])
     assert result.exit_code == 0, result.output
     out = tmp_path / "run" / "data"

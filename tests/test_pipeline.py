@@ -268,6 +268,6 @@ def test_pipeline_never_crashes_and_never_loses_a_valid_unique_row(tmp_path: Pat
             continue
         key = dedupe_key(example_text(to_example(Record(str(path), line, row), "prompt_response")))
         if key not in seen and kept[f"{path}:{line}"] == 0:
-            reason = [r for r in result.removed if r.source == f"{path}:{line}"][0]
+            reason = next(r for r in result.removed if r.source == f"{path}:{line}")
             assert reason.step in ("clean", "dedupe"), reason  # cleaning/PII can make two rows equal or a field empty
         seen.add(key)

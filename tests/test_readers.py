@@ -301,7 +301,7 @@ def test_lenient_json_array_says_where_it_had_to_stop(tmp_path: Path) -> None:
 
 
 def test_an_overlong_line_is_reported_not_read(tmp_path: Path, monkeypatch) -> None:
-    import tunelab.data.readers as readers
+    from tunelab.data import readers
 
     monkeypatch.setattr(readers, "MAX_LINE_BYTES", 1000)
     p = tmp_path / "train.jsonl"

@@ -255,7 +255,7 @@ def check(
 def _print_check(report) -> None:
     from tunelab.data.check import label_balance_warning
 
-    say = lambda text: out.print(text, highlight=False, soft_wrap=True)  # noqa: E731
+    say = lambda text: out.print(text, highlight=False, soft_wrap=True)
     say(f"[bold]{escape(', '.join(report.files))}[/bold] (format {report.format or '?'}): "
         f"{report.rows_read:,} rows read, {report.rows_valid:,} valid")
     if report.problems:

@@ -142,7 +142,7 @@ def clean_step(splits: dict[str, list[Record]], cfg: DataConfig, fmt: str, remov
         for rec in rows:
             applied: set[str] = set()
 
-            def fix(text: str) -> str:
+            def fix(text: str, applied: set[str] = applied) -> str:
                 new, names = clean_text(text, options)
                 applied.update(names)
                 return new
@@ -174,7 +174,7 @@ def pii_step(splits: dict[str, list[Record]], cfg: DataConfig) -> dict:
         for rec in rows:
             counts: Counter[str] = Counter()
 
-            def fix(text: str) -> str:
+            def fix(text: str, counts: Counter[str] = counts) -> str:
                 new, n = scrub(text)
                 counts.update(n)
                 return new

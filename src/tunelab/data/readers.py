@@ -21,7 +21,7 @@ from pathlib import Path
 from tunelab.errors import TunelabError
 
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv"}
-MAX_LINE_BYTES = int(os.environ.get("TUNELAB_MAX_LINE_BYTES", 64 * 2**20))
+MAX_LINE_BYTES = int(os.environ.get("TUNELAB_MAX_LINE_BYTES") or 64 * 2**20)
 csv.field_size_limit(MAX_LINE_BYTES)
 
 

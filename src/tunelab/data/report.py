@@ -13,6 +13,10 @@ from tunelab.data.pipeline import SPLITS, PipelineResult, label_counts
 from tunelab.data.tokenize import Encoded
 
 REPORT_FILES = ("data_report.json", "data_report.html", "token_lengths.png")
+STYLE = (
+    "<style>body{font:14px system-ui,sans-serif;margin:2em;max-width:60em}table{border-collapse:collapse;margin:.5em 0 1.5em}"
+    "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}th{background:#f3f3f3}.warn{color:#a40}</style>"
+)
 
 
 def length_stats(rows: Sequence[Encoded], max_length: int) -> dict:
@@ -51,8 +55,7 @@ def build_report(result: PipelineResult, encoded: dict[str, Sequence[Encoded]], 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def write_splits(result: PipelineResult, out: Path) -> None:
@@ -95,8 +98,7 @@ def write_html(report: dict, removed: list, out: Path) -> None:
         steps.append((s["step"], detail))
     parts = [
         "<!doctype html><meta charset='utf-8'><title>tunelab data report</title>",
-        "<style>body{font:14px system-ui,sans-serif;margin:2em;max-width:60em}table{border-collapse:collapse;margin:.5em 0 1.5em}"
-        "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}th{background:#f3f3f3}.warn{color:#a40}</style>",
+        STYLE,
         "<h1>Data report</h1>",
         f"<p>Format <b>{html.escape(report['format'])}</b>; max_length {report['max_length']} tokens.</p>",
         "<h2>Splits</h2>",
