@@ -271,3 +271,20 @@ def test_pipeline_never_crashes_and_never_loses_a_valid_unique_row(tmp_path: Pat
             reason = next(r for r in result.removed if r.source == f"{path}:{line}")
             assert reason.step in ("clean", "dedupe"), reason  # cleaning/PII can make two rows equal or a field empty
         seen.add(key)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# bench/data_quality.py: planted corruption in the shipped demo data is all found (keeps the script from rotting)
+
+
+def test_every_planted_problem_in_real_rows_is_found(monkeypatch, capsys) -> None:
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("data_quality", root / "bench" / "data_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "argv", ["data_quality.py", "--data", str(root / "src/tunelab/demo/data/train.jsonl"), "--per-kind", "5"])
+    assert bench.main() == 0, capsys.readouterr().out
+    assert "PASS: every planted problem found" in capsys.readouterr().out
