@@ -214,3 +214,15 @@ def test_preview_marks_packing_boundaries(tmp_path: Path, tiny_model_dir: Path) 
 def test_data_help(verb: str) -> None:
     result = runner.invoke(app, ["data", verb, "--help"])
     assert result.exit_code == 0 and f"tunelab data {verb}" in result.output
+
+
+def test_a_csv_with_the_wrong_header_is_one_line_not_one_per_row(tmp_path: Path, tiny_model_dir: Path) -> None:
+    path = write_csv(tmp_path / "train.csv", ["question", "answer"], [["hi", "hello"], ["a", "b"], ["c", "d"]])
+    report = check_files([str(path)], fmt="prompt_response")
+    assert [p.text for p in report.problems] == [
+        f"{path}:1: the header has no column 'prompt', 'response' (columns: question, answer); rename the column or set data.format"]
+    cfg = prepare_cfg(tmp_path, tiny_model_dir, path, format="prompt_response")
+    user_error(runner.invoke(app, ["train", str(cfg)]), f"{path}:1: the header has no column 'prompt'")
+    # Without a format, the keys say no format fits.
+    cfg = prepare_cfg(tmp_path, tiny_model_dir, path)
+    user_error(runner.invoke(app, ["train", str(cfg)]), "cannot tell the data format from the keys ['answer', 'question']")

@@ -17,9 +17,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from tunelab.data.dedupe import exact_duplicates, near_duplicates
-from tunelab.data.formats import FORMATS, detect_format
-from tunelab.data.pipeline import example_text, guess_label_field, label_counts
-from tunelab.data.readers import Problem, Record, expand_paths, read_file
+from tunelab.data.formats import FORMATS
+from tunelab.data.pipeline import example_text, guess_label_field, label_counts, read_rows
+from tunelab.data.readers import Problem, expand_paths
 from tunelab.data.tokenize import encode_example
 from tunelab.errors import TunelabError
 
@@ -71,20 +71,10 @@ def check_files(spec: str | list[str], fmt: str | None = None, tokenizer=None, m
     """
     paths = expand_paths(spec, "data check")
     problems: list[Problem] = []
-    records: list[Record] = []
-    for path in paths:
-        records.extend(read_file(path, problems))
+    valid, fmt = read_rows([str(p) for p in paths], "data check", fmt, problems)
     report = CheckReport([str(p) for p in paths], fmt, max_length=max_length if tokenizer is not None else None)
-    if records and fmt is None:
-        fmt = report.format = detect_format(records[0])
-    valid, examples = [], []
-    for rec in records:
-        try:
-            examples.append(FORMATS[fmt].to_example(rec))
-        except TunelabError as exc:
-            problems.append(Problem(rec.file, rec.line, str(exc), "format"))
-            continue
-        valid.append(rec)
+    examples = [FORMATS[fmt].to_example(rec) for rec in valid]
+    for rec in valid:
         sample = MOJIBAKE.search(json.dumps(rec.row, ensure_ascii=False))
         if sample:
             report.mojibake.append((rec.where, sample.group(0)))

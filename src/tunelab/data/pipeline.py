@@ -101,13 +101,25 @@ def with_prompt(row: dict, fmt: str, text: str) -> dict:
 
 
 def read_rows(spec: str | list[str], key: str, fmt: str | None, problems: list[Problem]) -> tuple[list[Record], str | None]:
-    """Every row of the files that its format accepts; every other row becomes a Problem. Returns (rows, format)."""
+    """Every row of the files that its format accepts; every other row becomes a Problem. Returns (rows, format).
+
+    Raises:
+        TunelabError: a path matches no file; the format cannot be told from the first row.
+    """
     records: list[Record] = []
     for path in expand_paths(spec, key):
-        records.extend(read_file(path, problems))
+        rows = list(read_file(path, problems))
+        if rows:
+            fmt = fmt or detect_format(rows[0])
+            missing = [k for k in FORMATS[fmt].required if k not in rows[0].row]
+            if missing and path.suffix.lower() in (".csv", ".tsv"):
+                # One line for the header instead of the same missing field on every row.
+                problems.append(Problem(str(path), 1, f"{path}:1: the header has no column {', '.join(map(repr, missing))} "
+                                        f"(columns: {', '.join(rows[0].row)}); rename the column or set data.format", "file"))
+                continue
+        records.extend(rows)
     if not records:
         return [], fmt
-    fmt = fmt or detect_format(records[0])
     valid = []
     for rec in records:
         try:
