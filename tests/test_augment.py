@@ -345,3 +345,20 @@ def test_paraphrase_with_a_tiny_model() -> None:
     assert all(item is None or (isinstance(item, str) and item.strip()) for item in first)
     assert first == paraphrase(prompts, model, tokenizer, seed=0, max_new_tokens=12, batch_size=2)
 
+
+
+@pytest.mark.parametrize(
+    ("original", "candidate", "kept"),
+    [
+        # Real SmolLM2-135M replies to the paraphrase instruction for Alpaca prompts.
+        ("Invent a new word by combining two existing words.", "Invent a new word by adding two existing words.", True),
+        ("Produce a list of the top 5 NHL players in 2021.", "Produce a list of the top 5 NHL players from 2021.", True),
+        ("Transform the following sentence using a synonym: The car sped quickly.", "The motor vehicle sped quickly.", False),
+        ("Given the parameters of a triangle, find out its perimeter.", "Perimeter: 4 + 8 + 24 + 6 + 16 + 4 + 12.", False),
+        ("Generate a one-sentence title for a creative recipe.", "Recipe for Ex-Pawnbroker Crafting Scraps", False),
+        ("Give an example of a job that a computer can do better than a human being.",
+         "This job is one that would surpass a human's capabilities in terms of processing data.", False),
+    ],
+)
+def test_answers_posing_as_rewrites_are_rejected(original: str, candidate: str, kept: bool) -> None:
+    assert (accept_paraphrase(original, candidate) is not None) is kept
