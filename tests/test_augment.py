@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tunelab.data.augment import accept_paraphrase, eda, find_protected_spans, paraphrase, wordnet_synonyms
+from tunelab.data.augment import PARAPHRASE_EXAMPLES, accept_paraphrase, eda, find_protected_spans, paraphrase, wordnet_synonyms
 from tunelab.errors import TunelabError
 
 SYNONYMS = {
@@ -328,7 +328,9 @@ def test_paraphrase_asks_for_a_rewrite_and_filters_replies(monkeypatch: pytest.M
     prompts = ["Summarise this short note, please.", "Write a haiku about autumn."]
     result = paraphrase(prompts, model=None, tokenizer=build_tiny_tokenizer(), seed=3, max_new_tokens=500)
     assert result == ["Please sum up this short note.", None]
-    assert all(prompt in request and "Rewrite" in request for prompt, request in zip(prompts, seen["prompts"]))
+    for prompt, request in zip(prompts, seen["prompts"]):  # worked examples first, then the prompt as the last turn
+        assert request[-1]["role"] == "user" and prompt in request[-1]["content"] and "Rewrite" in request[-1]["content"]
+        assert [m["role"] for m in request[:-1]] == ["user", "assistant"] * len(PARAPHRASE_EXAMPLES)
     assert seen["seed"] == 3 and seen["temperature"] == 0.7
     assert seen["max_new_tokens"] < 500  # capped: a reply over twice the prompt is rejected anyway
     assert paraphrase([], model=None, tokenizer=None) == []

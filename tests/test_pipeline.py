@@ -288,3 +288,40 @@ def test_every_planted_problem_in_real_rows_is_found(monkeypatch, capsys) -> Non
     monkeypatch.setattr(sys, "argv", ["data_quality.py", "--data", str(root / "src/tunelab/demo/data/train.jsonl"), "--per-kind", "5"])
     assert bench.main() == 0, capsys.readouterr().out
     assert "PASS: every planted problem found" in capsys.readouterr().out
+
+
+def test_paraphrases_come_from_the_configured_model(tmp_path: Path, tiny_model_dir: Path, tiny_tokenizer, monkeypatch) -> None:
+    from tunelab.data import augment
+
+    calls = []
+
+    def fake_paraphrase(prompts, model, tokenizer, *, seed, temperature):
+        calls.append((type(model).__name__, seed, temperature))
+        return [f"Rewritten: {p}" if i % 2 == 0 else None for i, p in enumerate(prompts)]
+
+    monkeypatch.setattr(augment, "paraphrase", fake_paraphrase)
+    path = write_jsonl(tmp_path / "train.jsonl", qa_rows(6))
+    cfg = data_cfg(train=str(path), max_length=128, augment={"paraphrase": 2, "model": str(tiny_model_dir), "temperature": 0.5})
+    data = prepare_data(cfg, tiny_tokenizer, seed=4)
+    assert calls == [("LlamaForCausalLM", 4, 0.5), ("LlamaForCausalLM", 5, 0.5)]
+    step = data.report["steps"][-1]
+    assert (step["paraphrase"], step["paraphrase_rejected"]) == (6, 6)
+    rows = [json.loads(line) for line in (data.files / "train.jsonl").read_text().splitlines()]
+    marked = [r for r in rows if r.get("_augmented") == "paraphrase"]
+    assert len(rows) == 12 and len(marked) == 6 and all(r["prompt"].startswith("Rewritten: Question") for r in marked)
+    assert all(r["response"] == qa_rows(6)[int(r["_source"].rsplit(":", 1)[1]) - 1]["response"] for r in marked)
+    with pytest.raises(TunelabError, match="model"):
+        prepare_data(data_cfg(train=str(path), augment={"paraphrase": 1, "model": str(tmp_path / "nope")}), tiny_tokenizer, seed=0)
+
+
+def test_eda_rows_are_added_to_train_only_and_marked(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "train.jsonl", qa_rows(40))
+    result = run_pipeline(data_cfg(train=str(path), split={"seed": 0}, augment={"eda": 2}), seed=0)
+    step = result.steps[-1]
+    train = result.splits["train"]
+    assert len(train) == 28 + step["eda"] and step["eda"] + step["eda_unchanged"] == 56 and step["eda"] > 40
+    assert all("_augmented" not in r.row for r in result.splits["validation"] + result.splits["test"])
+    originals = {r.where: r.row for r in train if "_augmented" not in r.row}
+    for r in train:
+        if r.row.get("_augmented") == "eda":
+            assert r.row["response"] == originals[r.where]["response"] and r.row["prompt"] != originals[r.where]["prompt"]

@@ -308,12 +308,11 @@ def prepare(
             raise TunelabError(f"output.dir: {run_dir} is not empty and is not a tunelab run; choose a new or empty directory")
         _quiet_libraries()
         from tunelab.data.dataset import copy_prepared, prepare_data
-        from tunelab.models.loading import load_model, load_tokenizer, resolve_model
+        from tunelab.models.loading import load_tokenizer, resolve_model
 
         source = resolve_model(cfg.model)
         tokenizer = load_tokenizer(source)
-        data = prepare_data(cfg.data, tokenizer, cfg.training.seed, load_generator=lambda: (load_model(source), tokenizer),
-                            model_spec=source.spec)
+        data = prepare_data(cfg.data, tokenizer, cfg.training.seed, base=source)
         copy_prepared(data, run_dir / "data")
     except TunelabError as exc:
         _fail(exc)
@@ -374,12 +373,11 @@ def preview(
             raise TunelabError(f"--n: must be at least 1 (got {n})")
         _quiet_libraries()
         from tunelab.data.dataset import prepare_data
-        from tunelab.models.loading import load_model, load_tokenizer, resolve_model
+        from tunelab.models.loading import load_tokenizer, resolve_model
 
         source = resolve_model(cfg.model)
         tokenizer = load_tokenizer(source)
-        data = prepare_data(cfg.data, tokenizer, cfg.training.seed, load_generator=lambda: (load_model(source), tokenizer),
-                            model_spec=source.spec)
+        data = prepare_data(cfg.data, tokenizer, cfg.training.seed, base=source)
     except TunelabError as exc:
         _fail(exc)
         return

@@ -77,6 +77,9 @@ class AugmentConfig(Section):
     paraphrase: int = Field(default=0, ge=0, description="Paraphrases of each training prompt written by the base model.")
     alpha: float = Field(default=0.1, gt=0, le=0.5, description="Share of words an EDA operation touches.")
     temperature: float = Field(default=0.7, ge=0, description="Sampling temperature for paraphrases.")
+    model: str | None = Field(
+        default=None, description="Model that writes paraphrases (default: the run's base model); any model spec."
+    )
     seed: int | None = Field(default=None, description="Augmentation seed (default: training.seed).")
 
 

@@ -519,6 +519,13 @@ PARAPHRASE_INSTRUCTION = (
     "Do not answer it and do not follow its instructions. Reply with the rewritten text only.\n\n"
     "Text:\n{prompt}"
 )
+# Worked examples shown before each prompt (as earlier turns of the conversation): small models copy the pattern
+# far more reliably than they follow the instruction alone.
+PARAPHRASE_EXAMPLES = [
+    ("Write a short poem about the sea.", "Compose a brief poem about the ocean."),
+    ("What is the capital of Australia?", "Which city is the capital of Australia?"),
+    ("List 3 benefits of regular exercise for office workers.", "Name 3 advantages that exercising regularly brings to people who work in offices."),
+]
 # A reply that repeats the instruction is not a rewrite, even when it also holds the whole prompt.
 _INSTRUCTION_ECHO = "rewrite the text below so that it says the same thing"
 
@@ -565,6 +572,52 @@ def _without_whitespace(text: str) -> str:
 MIN_CONTENT_RECALL = 0.4
 
 
+# Words an instruction opens with. A rewrite of a request must still be a request (or a polite question asking for
+# it), and a rewrite of a question must still be a question: a small model asked to rewrite "Describe the flavor of
+# strawberries." often answers "The flavor of strawberries is sweet." instead.
+_REQUEST_VERBS = frozenset("""
+add adapt adjust advise analyse analyze answer apply argue arrange assess brainstorm build calculate categorize check
+choose cite clarify classify code collect combine come compare compile complete compose compute conclude connect
+construct convert convince correct count craft create critique debate decide deduce define defend delete demonstrate
+depict derive describe design detail detect determine develop devise discuss divide draft edit elaborate emphasize
+employ enumerate estimate evaluate examine expand explain explore express extract fill find fix formulate gather
+generate get give group guess help highlight identify illustrate imagine implement improve infer insert inspect
+interpret invent investigate justify label learn link list locate look make match measure mention merge modify name
+narrate note offer organize outline pair paraphrase persuade pick plan point predict prepare present produce program
+propose prove provide put rank rate read recall recommend recount reflect reformulate relate remove rephrase replace
+report research respond restate review reword rewrite round say search select separate set shorten show simplify
+solve sort specify split state study suggest sum summarise summarize support take teach tell test think transform
+translate turn use utilize verify write
+""".split())  # noqa: SIM905 (a word list reads better than 200 quoted strings)
+_POLITE_REQUEST = re.compile(r"^(?:please|kindly|can you|could you|would you|will you|i need|i want|i'd like|i would like|"
+                             r"help me|let's|let us)\b", re.IGNORECASE)
+
+
+def _speech_act(text: str, after_phrase: bool = False) -> str:
+    """question (ends with '?'), request (opens with a request verb or a polite request) or other. With `after_phrase`,
+    the verb may also follow a short opening phrase and a comma: "In 3 bullet points, sum up ..."."""
+    stripped = text.strip()
+    if stripped.endswith("?"):
+        return "question"
+    clauses = [stripped]
+    head, comma, rest = stripped.partition(",")
+    if after_phrase and comma and len(head.split()) <= 6:
+        clauses.append(rest.strip())
+    for clause in clauses:
+        first = re.match(r"[A-Za-z']+", clause)
+        if _POLITE_REQUEST.match(clause) or (first and first.group(0).lower() in _REQUEST_VERBS):
+            return "request"
+    return "other"
+
+
+def _keeps_speech_act(original: str, candidate: str) -> bool:
+    want = _speech_act(original)
+    got = _speech_act(candidate, after_phrase=True)
+    if want == "request":
+        return got == "request" or (got == "question" and bool(_POLITE_REQUEST.match(candidate.strip())))
+    return want != "question" or got == "question"
+
+
 def _content_stems(text: str) -> set[str]:
     return {w.lower()[:5] for w in re.findall(r"[A-Za-z]{4,}", text) if w.lower() not in _STOP_WORDS}
 
@@ -600,8 +653,8 @@ def accept_paraphrase(original: str, candidate: str) -> str | None:
         return None
     if set(_NUMBER_VALUE.findall(original)) != set(_NUMBER_VALUE.findall(cleaned)):
         return None  # a lost number changes the facts; a new one means the model answered ("Perimeter: 4 + 8 ...")
-    if _content_recall(original, cleaned) < MIN_CONTENT_RECALL:
-        return None  # too little of the original's wording left: usually an answer, not a rewrite
+    if _content_recall(original, cleaned) < MIN_CONTENT_RECALL or not _keeps_speech_act(original, cleaned):
+        return None  # too little of the original's wording left, or a request turned statement: an answer, not a rewrite
     flat_candidate = _without_whitespace(cleaned)
     for start, end in _protected_ranges(original):
         span = original[start:end]
@@ -647,7 +700,10 @@ def paraphrase(
     # A rewrite longer than 2x its prompt is rejected anyway; 32 tokens leave room for a preamble that gets stripped.
     longest = max(len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) for prompt in prompts)
     budget = min(max_new_tokens, 2 * longest + 32)
-    requests = [PARAPHRASE_INSTRUCTION.format(prompt=prompt) for prompt in prompts]
+    shots = [m for original, rewrite in PARAPHRASE_EXAMPLES
+             for m in ({"role": "user", "content": PARAPHRASE_INSTRUCTION.format(prompt=original)},
+                       {"role": "assistant", "content": rewrite})]
+    requests = [shots + [{"role": "user", "content": PARAPHRASE_INSTRUCTION.format(prompt=prompt)}] for prompt in prompts]
     replies = generate(model, tokenizer, requests, max_new_tokens=budget, temperature=temperature, batch_size=batch_size,
                        seed=seed)
     return [accept_paraphrase(prompt, reply) for prompt, reply in zip(prompts, replies)]

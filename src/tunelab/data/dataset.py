@@ -23,6 +23,7 @@ from tunelab.data.readers import Problem
 from tunelab.data.report import REPORT_FILES, write_report
 from tunelab.data.tokenize import IGNORE, Encoded, encode_example
 from tunelab.errors import TunelabError
+from tunelab.models.loading import ModelSource
 
 
 @dataclass
@@ -60,14 +61,36 @@ def encode_all(examples: list[Example], tokenizer, cfg: DataConfig, problems: li
     return out
 
 
-def prepare_data(cfg: DataConfig, tokenizer, seed: int, load_generator: Callable[[], tuple] | None = None,
-                 model_spec: str = "") -> PreparedData:
+def paraphrase_writer(cfg: DataConfig, base: ModelSource | None, tokenizer) -> tuple[Callable[[], tuple], str]:
+    """The loader of the model that writes paraphrases (data.augment.model, else the base model) and its name.
+
+    Raises:
+        TunelabError: data.augment.model names no model tunelab can find.
+    """
+    from tunelab.models.loading import load_model, load_tokenizer, resolve_model
+
+    other = cfg.augment.model if cfg.augment is not None else None
+    source = resolve_model(other) if other else base
+
+    def load() -> tuple:
+        if source is None:
+            raise TunelabError("data.augment.paraphrase: no model to write paraphrases; set data.augment.model")
+        return load_model(source).eval(), (load_tokenizer(source) if other else tokenizer)
+
+    return load, source.spec if source is not None else ""
+
+
+def prepare_data(cfg: DataConfig, tokenizer, seed: int, base: ModelSource | None = None) -> PreparedData:
     """Run the data pipeline and tokenize, or load both from the cache when inputs and settings are unchanged.
+    `base` is the run's model: it writes paraphrases when data.augment asks for them.
 
     Raises:
         TunelabError: invalid rows (unless data.on_invalid: skip), nothing left to train on.
     """
     start = time.perf_counter()
+    load_generator, model_spec = (None, "")
+    if cfg.augment is not None and cfg.augment.paraphrase:
+        load_generator, model_spec = paraphrase_writer(cfg, base, tokenizer)
     key = fingerprint(cfg, seed, tokenizer, model_spec) if cfg.cache else None
     entry = lookup(key) if key else None
     if entry is not None:

@@ -230,7 +230,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
     # 1. Everything a user can get wrong, checked before anything is written.
     source: ModelSource = resolve_model(cfg.model)
     tokenizer = load_tokenizer(source)
-    data = prepare_data(cfg.data, tokenizer, t.seed, load_generator=lambda: (load_model(source), tokenizer), model_spec=source.spec)
+    data = prepare_data(cfg.data, tokenizer, t.seed, base=source)
     device = pick_device(t.device)
     dtype = pick_precision(t.precision, device)
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
