@@ -320,29 +320,17 @@ def prepare(
     _print_prepared(data, run_dir / "data")
 
 
-def _describe_step(step: dict) -> str:
-    """`{'step': 'pii', 'rows_changed': 2, 'found': {'email': 1, 'ip': 0}}` -> 'rows changed 2; found: email 1'."""
-    parts = []
-    for key, value in step.items():
-        if key == "step":
-            continue
-        if isinstance(value, dict):
-            inner = ", ".join(f"{k} {v}" for k, v in value.items() if v)
-            parts.append(f"{key.replace('_', ' ')}: {inner or 'none'}")
-        else:
-            parts.append(f"{key.replace('_', ' ')} {value}")
-    return "; ".join(parts)
-
-
 def _print_prepared(data, where: Path) -> None:
     from rich.table import Table
+
+    from tunelab.data.report import describe_step
 
     report = data.report
     table = Table(title=f"data prepare ({'cache hit, ' if data.cache_hit else ''}{data.seconds:.1f} s)")
     table.add_column("step")
     table.add_column("what it did")
     for step in report["steps"]:
-        table.add_row(step["step"], escape(_describe_step(step)))
+        table.add_row(step["step"], escape(describe_step(step)))
     out.print(table)
     sizes = report["splits"]
     total = sum(sizes.values()) or 1

@@ -86,16 +86,27 @@ def plot_lengths(encoded: dict[str, Sequence[Encoded]], max_length: int, out: Pa
     plt.close(fig)
 
 
+def describe_step(step: dict) -> str:
+    """`{'step': 'pii', 'rows_changed': 2, 'found': {'email': 1, 'ip': 0}}` -> 'rows changed 2; found: email 1'."""
+    parts = []
+    for key, value in step.items():
+        if key == "step":
+            continue
+        if isinstance(value, dict):
+            inner = ", ".join(f"{k} {v}" for k, v in value.items() if v)
+            parts.append(f"{key.replace('_', ' ')}: {inner or 'none'}")
+        else:
+            parts.append(f"{key.replace('_', ' ')} {value}")
+    return "; ".join(parts)
+
+
 def _table(rows: list[tuple], head: tuple) -> str:
     cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
     return "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + cells + "</table>"
 
 
 def write_html(report: dict, removed: list, out: Path) -> None:
-    steps = []
-    for s in report["steps"]:
-        detail = ", ".join(f"{k}: {v}" for k, v in s.items() if k != "step")
-        steps.append((s["step"], detail))
+    steps = [(s["step"], describe_step(s)) for s in report["steps"]]
     parts = [
         "<!doctype html><meta charset='utf-8'><title>tunelab data report</title>",
         STYLE,
