@@ -360,6 +360,14 @@ def test_paraphrase_with_a_tiny_model() -> None:
         ("Generate a one-sentence title for a creative recipe.", "Recipe for Ex-Pawnbroker Crafting Scraps", False),
         ("Give an example of a job that a computer can do better than a human being.",
          "This job is one that would surpass a human's capabilities in terms of processing data.", False),
+        ('Reverse engineer this sentence: "People usually wear clothes."', "People usually do not wear clothes.", False),
+        ("Given a definition, identify the correct spelling of the word.", 'The correct spelling of the word is "eternal"', False),
+        ("Change this sentence to make it sound more formal: I wanted to alert you",
+         "I would like to make this sentence sound more formal by using simpler language.", False),
+        ("Change this sentence to make it sound more formal: I wanted to alert you",
+         "Make this sentence sound more formal: I wanted to alert you", True),
+        ("Classify this scenario as an example of reinforcement or punishment.",
+         "Classify this scenario as reinforcement or punishment.", True),
     ],
 )
 def test_answers_posing_as_rewrites_are_rejected(original: str, candidate: str, kept: bool) -> None:

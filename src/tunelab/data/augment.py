@@ -611,11 +611,25 @@ def _speech_act(text: str, after_phrase: bool = False) -> str:
 
 
 def _keeps_speech_act(original: str, candidate: str) -> bool:
-    want = _speech_act(original)
+    want = _speech_act(original, after_phrase=True)  # "Given a definition, identify ..." is a request too
     got = _speech_act(candidate, after_phrase=True)
     if want == "request":
         return got == "request" or (got == "question" and bool(_POLITE_REQUEST.match(candidate.strip())))
     return want != "question" or got == "question"
+
+
+def _operands(text: str) -> list[str]:
+    """What an instruction works on and a rewrite must carry over word for word: quoted text, and a passage of three or
+    more words after a colon ("Make this more formal: I wanted to alert you")."""
+    found = [a or b for a, b in re.findall(r'"([^"\n]{3,})"|\u201c([^\u201d\n]{3,})\u201d', text)]
+    tail = re.search(r":\s+(\S[^:]*)$", text.strip())
+    if tail and len(tail.group(1).split()) >= 3:
+        found.append(tail.group(1))
+    return found
+
+
+def _loose(text: str) -> str:
+    return "".join(text.lower().split()).strip(".!?'\"\u201c\u201d")  # spacing may change (JSON, code), words not
 
 
 def _content_stems(text: str) -> set[str]:
@@ -653,6 +667,8 @@ def accept_paraphrase(original: str, candidate: str) -> str | None:
         return None
     if set(_NUMBER_VALUE.findall(original)) != set(_NUMBER_VALUE.findall(cleaned)):
         return None  # a lost number changes the facts; a new one means the model answered ("Perimeter: 4 + 8 ...")
+    if any(_loose(operand) not in _loose(cleaned) for operand in _operands(original)):
+        return None  # the text the instruction works on was dropped or changed
     if _content_recall(original, cleaned) < MIN_CONTENT_RECALL or not _keeps_speech_act(original, cleaned):
         return None  # too little of the original's wording left, or a request turned statement: an answer, not a rewrite
     flat_candidate = _without_whitespace(cleaned)
