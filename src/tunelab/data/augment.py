@@ -621,6 +621,9 @@ def _keeps_speech_act(original: str, candidate: str) -> bool:
 def _operands(text: str) -> list[str]:
     """What an instruction works on and a rewrite must carry over word for word: quoted text, and a passage of three or
     more words after a colon ("Make this more formal: I wanted to alert you")."""
+    for start, end in reversed(_protected_ranges(text)):  # quotes and colons inside JSON or code are checked elsewhere
+        if text[start] in "{[`":
+            text = text[:start] + " " * (end - start) + text[end:]
     found = [a or b for a, b in re.findall(r'"([^"\n]{3,})"|\u201c([^\u201d\n]{3,})\u201d', text)]
     tail = re.search(r":\s+(\S[^:]*)$", text.strip())
     if tail and len(tail.group(1).split()) >= 3:
