@@ -47,10 +47,22 @@ class PreparedData:
         return self.report.get("warnings", [])
 
 
-def encode_all(examples: list[Example], tokenizer, cfg: DataConfig, problems: list[Problem] | None = None) -> list[Encoded]:
+def with_progress(items: list, description: str, min_items: int = 2000):
+    """Iterate items, with a transient progress bar on a terminal when there are enough of them to wait for."""
+    from rich.console import Console
+    from rich.progress import track
+
+    console = Console(stderr=True)
+    if len(items) < min_items or not console.is_terminal:
+        return items
+    return track(items, description=description, console=console, transient=True)
+
+
+def encode_all(examples: list[Example], tokenizer, cfg: DataConfig, problems: list[Problem] | None = None,
+               name: str = "") -> list[Encoded]:
     """Tokenize examples; a row that cannot be trained is raised, or recorded in `problems` when given."""
     out: list[Encoded] = []
-    for ex in examples:
+    for ex in with_progress(examples, f"tokenizing {name}".strip()):
         try:
             out.extend(encode_example(ex, tokenizer, cfg.max_length, cfg.train_on_inputs))
         except TunelabError as exc:
@@ -103,7 +115,7 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int, base: ModelSource | None
 
     result = run_pipeline(cfg, seed, load_generator)
     problems: list[Problem] = []
-    encoded = {name: encode_all(result.examples(name, cfg.system_prompt), tokenizer, cfg, problems) for name in SPLITS}
+    encoded = {name: encode_all(result.examples(name, cfg.system_prompt), tokenizer, cfg, problems, name) for name in SPLITS}
     if problems:
         if cfg.on_invalid == "error":
             fail_on(problems)
