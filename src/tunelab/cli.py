@@ -195,6 +195,69 @@ def demo(
     out.print(f"train time {demo_run.summary['wall_time_s']:.0f}s; try: tunelab chat {demo_run.run_dir}", highlight=False)
 
 
+@app.command("eval", epilog="Examples: tunelab eval default --tasks arc_easy,hellaswag --limit 200 | tunelab eval runs/demo "
+             "--benchmark my_mc.jsonl --prompt '{query}\\nAnswer:' --fewshot 5 --output results.json | tunelab eval runs/demo "
+             "--data data/test.jsonl | tunelab eval runs/sst --data test.csv --classify")
+def eval_(
+    target: str = typer.Argument(..., help="A run directory, an HF model dir, a .gguf file, a hub id, or 'default'."),
+    tasks: str | None = typer.Option(None, "--tasks", "-t", help="Comma-separated benchmark names (see --list)."),
+    benchmark: list[str] | None = typer.Option(None, "--benchmark", "-b", help="A local benchmark file or benchmark YAML (repeatable)."),
+    prompt: str | None = typer.Option(None, help="Prompt template for benchmark files, e.g. '{query}\\nAnswer:'."),
+    fewshot: int | None = typer.Option(None, help="Few-shot examples per question."),
+    limit: int | None = typer.Option(None, help="Score only the first N items of each task."),
+    data: str | None = typer.Option(None, help="Rows in any tunelab format: generation metrics against the last assistant turn."),
+    classify: bool = typer.Option(False, "--classify", help="Score --data as classification (labels = distinct responses)."),
+    labels: str | None = typer.Option(None, help="Comma-separated label set for classification."),
+    classify_by: str = typer.Option("loglik", help="loglik (score each label) or generate (match the reply)."),
+    perplexity: str | None = typer.Option(None, help="Rows or text: loss and perplexity on their trained tokens."),
+    batch_size: int = typer.Option(16, help="Items per forward pass."),
+    precision: str = typer.Option("fp32", help="fp32 (lm-eval's numbers) or bf16 (faster on CPUs with bf16)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write the results as JSON here."),
+    list_benchmarks: bool = typer.Option(False, "--list", help="List the named benchmarks and exit."),
+) -> None:
+    """Score a model: benchmarks by log-likelihood (acc, acc_norm), generation and classification metrics, perplexity."""
+    try:
+        _quiet_libraries()
+        if list_benchmarks:
+            from tunelab.evaluate.benchmarks import NAMED_BENCHMARKS
+
+            for name in sorted(NAMED_BENCHMARKS):
+                out.print(name, highlight=False)
+            return
+        from tunelab.evaluate.runner import EvalRequest, evaluate
+
+        names = [t.strip() for t in (tasks or "").split(",") if t.strip()] + list(benchmark or [])
+        req = EvalRequest(target, names, prompt, fewshot, limit, data, classify, [x.strip() for x in labels.split(",")] if labels else None,
+                          classify_by, perplexity, batch_size=batch_size, precision=precision)
+        results = evaluate(req, log=lambda name, res: err.print(f"{name}: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in res[Path(name).stem if Path(name).suffix else name].items() if k in ("acc", "acc_norm", "mc2")), highlight=False))
+    except TunelabError as exc:
+        _fail(exc)
+        return
+    _print_eval(results)
+    if output is not None:
+        import json
+
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        out.print(f"wrote {escape(str(output))}", highlight=False)
+
+
+def _print_eval(results: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"tunelab eval {escape(results['target'])}")
+    table.add_column("task")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("n", justify="right")
+    for task, res in results["results"].items():
+        for key, value in res.items():
+            if isinstance(value, float) and key not in ("seconds",):
+                table.add_row(escape(task), key, f"{value:.4f}", str(res.get("n", "")))
+    out.print(table)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # tunelab data check | prepare | preview
 

@@ -1,0 +1,166 @@
+"""Log-likelihood scoring of continuations: the engine behind multiple-choice benchmarks and label scoring.
+
+    items = [MCItem(context="Question: 2+2?\nAnswer:", choices=[" 3", " 4"], gold=1, id="f.jsonl:1")]
+    scores = score_items(model, tokenizer, items)      # per item: one summed log-probability per choice
+
+Matches lm-evaluation-harness's `loglikelihood` for HF causal models: trailing whitespace of the context moves to the
+continuation, the continuation's tokens are those of tokenize(context + continuation) after tokenize(context), no
+special tokens, no chat template.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class MCItem:
+    """One multiple-choice question, ready to score: the context (prompt template and few-shot examples applied) and
+    each choice as the exact continuation text (target delimiter included, e.g. " Paris")."""
+
+    context: str
+    choices: list[str]
+    gold: int | list[int]  # the correct choice; a list of correct choices for TruthfulQA MC2-style items
+    id: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Encoded:
+    context: list[int]
+    continuations: list[list[int]]
+
+
+def encode_item(tokenizer, item: MCItem, max_length: int) -> Encoded:
+    """Token ids the way lm-eval's HFLM `_encode_pair` makes them, sharing the context across choices."""
+    context = item.context
+    n_spaces = len(context) - len(context.rstrip())
+    moved = context[len(context) - n_spaces :] if n_spaces else ""
+    context = context[: len(context) - n_spaces] if n_spaces else context
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
+    if not ctx:  # lm-eval conditions an empty context on the end-of-text token
+        ctx = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id]
+        conts = [tokenizer(moved + c, add_special_tokens=False)["input_ids"] for c in item.choices]
+    else:
+        conts = []
+        for choice in item.choices:
+            whole = tokenizer(context + moved + choice, add_special_tokens=False)["input_ids"]
+            conts.append(whole[len(ctx) :])
+    longest = max(len(c) for c in conts)
+    if len(ctx) + longest > max_length:  # like lm-eval: keep the end of the context
+        ctx = ctx[-(max_length - longest) :] if max_length > longest else ctx[-1:]
+    return Encoded(ctx, conts)
+
+
+def _log_softmax_at(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def score_items(model, tokenizer, items: list[MCItem], batch_size: int = 16, dtype: torch.dtype | None = None,
+                progress=None) -> list[list[float]]:
+    """The summed log-probability of every choice's continuation given its context, per item.
+
+    Each context runs through the model once (left-padded batches, sorted by length, logits only at the last position);
+    its KV cache is then repeated for the item's choices, and only the continuation tokens run again. lm-eval instead
+    runs context + choice once per choice and computes the vocabulary projection at every position.
+    """
+    device = next(model.parameters()).device
+    max_length = getattr(model.config, "max_position_embeddings", 2048) or 2048
+    encoded = [encode_item(tokenizer, it, max_length) for it in items]
+    order = sorted(range(len(items)), key=lambda i: -(len(encoded[i].context) + max(map(len, encoded[i].continuations))))
+    scores: list[list[float]] = [[] for _ in items]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        ctxs = [encoded[i].context for i in batch]
+        width = max(map(len, ctxs))
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, ctx in enumerate(ctxs):
+            ids[row, width - len(ctx) :] = torch.tensor(ctx)
+            mask[row, width - len(ctx) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        with autocast:
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+        last = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each continuation's first token
+        # One row per (item, choice): the first token's log-prob from `last`, the rest from a pass over the continuation.
+        rows = [(r, i, c) for r, i in enumerate(batch) for c in range(len(encoded[i].continuations))]
+        firsts = torch.stack([last[r, encoded[i].continuations[c][0]] for r, i, c in rows])
+        rests = [encoded[i].continuations[c] for _, i, c in rows]
+        totals = firsts.clone()
+        longest = max(len(cont) for cont in rests)
+        if longest > 1:
+            index = torch.tensor([r for r, _, _ in rows], device=device)
+            cache.batch_select_indices(index)
+            cont_ids = torch.full((len(rows), longest - 1), pad, dtype=torch.long)
+            cont_mask = torch.zeros((len(rows), longest - 1), dtype=torch.long)
+            targets = torch.zeros((len(rows), longest - 1), dtype=torch.long)
+            for k, cont in enumerate(rests):
+                n = len(cont) - 1
+                if n:
+                    cont_ids[k, :n] = torch.tensor(cont[:-1])
+                    targets[k, :n] = torch.tensor(cont[1:])
+                    cont_mask[k, :n] = 1
+            full_mask = torch.cat([mask[index.cpu()], cont_mask], dim=1)
+            ctx_len = mask[index.cpu()].sum(-1, keepdim=True)
+            cont_positions = ctx_len + torch.arange(longest - 1).unsqueeze(0)
+            with autocast:
+                out = model(input_ids=cont_ids.to(device), attention_mask=full_mask.to(device),
+                            position_ids=cont_positions.to(device), past_key_values=cache, use_cache=True)
+            logp = _log_softmax_at(out.logits, targets.to(device)) * cont_mask.to(device)
+            totals = totals + logp.sum(-1).cpu()
+        for (_, i, _), value in zip(rows, totals.tolist()):
+            scores[i].append(value)
+        if progress is not None:
+            progress(len(batch))
+    return scores
+
+
+@torch.no_grad()
+def score_items_reference(model, tokenizer, items: list[MCItem]) -> list[list[float]]:
+    """One unbatched forward per (context, choice), exactly as lm-eval computes it: the ground truth in tests."""
+    device = next(model.parameters()).device
+    max_length = getattr(model.config, "max_position_embeddings", 2048) or 2048
+    scores = []
+    for item in items:
+        enc = encode_item(tokenizer, item, max_length)
+        row = []
+        for cont in enc.continuations:
+            ids = torch.tensor((enc.context + cont)[:-1], device=device).unsqueeze(0)
+            logits = model(input_ids=ids).logits[0, len(enc.context) - 1 :]
+            row.append(float(_log_softmax_at(logits, torch.tensor(cont, device=device)).sum()))
+        scores.append(row)
+    return scores
+
+
+def multiple_choice_metrics(items: list[MCItem], scores: list[list[float]]) -> dict:
+    """acc and acc_norm as lm-eval computes them (acc_norm divides by each choice's length in characters, without the
+    target delimiter); items with a list of golds score lm-eval's TruthfulQA MC2: the probability mass on true choices."""
+    acc = acc_norm = mc2 = 0.0
+    n_single = n_multi = 0
+    for item, ll in zip(items, scores):
+        lls = np.array(ll)
+        if isinstance(item.gold, list):
+            p = np.exp(lls - lls.max())
+            mc2 += float(p[item.gold].sum() / p.sum())
+            n_multi += 1
+            continue
+        lengths = np.array(item.meta.get("norm_lengths") or [len(c.lstrip()) or 1 for c in item.choices], dtype=float)
+        acc += float(int(np.argmax(lls)) == item.gold)
+        acc_norm += float(int(np.argmax(lls / lengths)) == item.gold)
+        n_single += 1
+    out: dict = {"n": len(items)}
+    if n_single:
+        out.update(acc=acc / n_single, acc_norm=acc_norm / n_single)
+    if n_multi:
+        out["mc2"] = mc2 / n_multi
+    return out

@@ -1,0 +1,198 @@
+"""`tunelab eval`: load a target once, run every requested task on it, return one results dict.
+
+    results = evaluate(EvalRequest(target="runs/demo", benchmarks=["arc_easy"], limit=200))
+    results["results"]["arc_easy"]["acc_norm"]
+
+Tasks:
+- benchmarks (named, a file in a known layout, or a `benchmark:` YAML): log-likelihood multiple choice, acc / acc_norm
+  (and mc2 for TruthfulQA-style items), the way lm-evaluation-harness scores them;
+- generation (`data`): the reference is each row's last assistant turn; greedy replies with the chat template;
+  exact match, BLEU, chrF, ROUGE, METEOR;
+- classification (`data` + `labels`): the label by generation or by log-likelihood over the label set; accuracy,
+  per-class and macro/micro P/R/F1, confusion matrix;
+- perplexity (`perplexity`): token-weighted loss and perplexity on held-out rows (any tunelab format).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tunelab.errors import TunelabError
+from tunelab.evaluate.loglik import MCItem, multiple_choice_metrics, score_items
+
+
+@dataclass
+class EvalRequest:
+    target: str
+    benchmarks: list[str] = field(default_factory=list)  # names, files or benchmark YAMLs
+    prompt: str | None = None  # prompt template for benchmark files, e.g. "{query}\nAnswer:"
+    fewshot: int | None = None
+    limit: int | None = None
+    data: str | None = None  # generation / classification rows in any tunelab format
+    classify: bool = False  # score `data` as classification (labels: `labels`, else the distinct references)
+    labels: list[str] | None = None
+    classify_by: str = "loglik"  # loglik | generate
+    perplexity: str | None = None
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    precision: str = "fp32"  # fp32 matches lm-eval's numbers; bf16 is faster on CPUs with native bf16
+    seed: int = 1234
+
+
+def _dtype(precision: str) -> torch.dtype | None:
+    if precision not in ("fp32", "bf16"):
+        raise TunelabError(f"--precision: fp32 or bf16 (got '{precision}')")
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def load_eval_model(target: str):
+    """(model, tokenizer) in eval mode; LoRA adapters are merged so scoring runs at the base model's speed."""
+    from tunelab.generate import load_for_inference
+
+    model, tokenizer = load_for_inference(target)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.eval()
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tasks
+
+
+def run_benchmark(model, tokenizer, name: str, req: EvalRequest) -> dict:
+    from tunelab.evaluate.benchmarks import benchmark_items
+
+    items, info = benchmark_items(name, prompt=req.prompt, fewshot=req.fewshot, limit=req.limit, seed=req.seed)
+    start = time.perf_counter()
+    scores = score_items(model, tokenizer, items, batch_size=req.batch_size, dtype=_dtype(req.precision))
+    return {**multiple_choice_metrics(items, scores), **info, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _rows(path: str, limit: int | None):
+    """Examples of a data file: the conversation before the last assistant turn, and that turn as the reference."""
+    from tunelab.config import load_config
+    from tunelab.data.pipeline import read_rows, to_example
+    from tunelab.data.readers import Problem
+
+    problems: list[Problem] = []
+    cfg = load_config({"data": {"train": path}}).data
+    records, fmt = read_rows(cfg.train, "--data", None, problems)
+    if problems:
+        raise TunelabError(problems[0].text + (f" ({len(problems) - 1} more; run `tunelab data check {path}`)" if len(problems) > 1 else ""))
+    out = []
+    for rec in records[:limit] if limit else records:
+        ex = to_example(rec, fmt)
+        if ex.text is not None:
+            raise TunelabError(f"--data: {path} holds raw text; generation and classification need prompts and responses "
+                               "(use --perplexity for text)")
+        last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
+        out.append((ex.messages[:last], ex.messages[last]["content"], rec.where))
+    if not out:
+        raise TunelabError(f"--data: {path} has no rows")
+    return out
+
+
+def run_generation(model, tokenizer, req: EvalRequest) -> dict:
+    from tunelab.evaluate.metrics import generation_metrics
+    from tunelab.generate import generate
+
+    rows = _rows(req.data, req.limit)
+    start = time.perf_counter()
+    preds = generate(model, tokenizer, [p for p, _, _ in rows], max_new_tokens=req.max_new_tokens, batch_size=req.batch_size,
+                     seed=req.seed)
+    metrics = generation_metrics(preds, [r for _, r, _ in rows])
+    samples = [{"id": w, "reference": r, "prediction": p} for (_, r, w), p in zip(rows, preds)]
+    return {**metrics, "n": len(rows), "seconds": round(time.perf_counter() - start, 2), "samples": samples}
+
+
+def run_classification(model, tokenizer, req: EvalRequest) -> dict:
+    from tunelab.evaluate.metrics import classification_report
+    from tunelab.generate import generate
+
+    rows = _rows(req.data, req.limit)
+    labels = req.labels or sorted({r.strip() for _, r, _ in rows})
+    if len(labels) < 2:
+        raise TunelabError("--labels: classification needs at least two labels (e.g. --labels positive,negative)")
+    truth = [r.strip() for _, r, _ in rows]
+    start = time.perf_counter()
+    if req.classify_by == "generate":
+        replies = generate(model, tokenizer, [p for p, _, _ in rows], max_new_tokens=16, batch_size=req.batch_size)
+        preds = [_match_label(reply, labels) for reply in replies]
+    elif req.classify_by == "loglik":
+        contexts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p, _, _ in rows]
+        items = [MCItem(c, list(labels), 0, w) for c, (_, _, w) in zip(contexts, rows)]
+        scores = score_items(model, tokenizer, items, batch_size=req.batch_size, dtype=_dtype(req.precision))
+        preds = [labels[max(range(len(labels)), key=s.__getitem__)] for s in scores]
+    else:
+        raise TunelabError(f"--classify-by: loglik or generate (got '{req.classify_by}')")
+    report = classification_report(truth, preds, labels=labels)
+    errors = [{"id": w, "label": t, "predicted": p} for (_, _, w), t, p in zip(rows, truth, preds) if t != p]
+    return {**report, "n": len(rows), "by": req.classify_by, "seconds": round(time.perf_counter() - start, 2), "errors": errors}
+
+
+def _match_label(reply: str, labels: list[str]) -> str:
+    """The label a free-text reply names: an exact (case-insensitive) match, else the first label it mentions."""
+    text = reply.strip().lower().rstrip(".!")
+    for label in labels:
+        if text == label.lower():
+            return label
+    hits = sorted((text.find(label.lower()), label) for label in labels if label.lower() in text)
+    return hits[0][1] if hits else reply.strip()
+
+
+def run_perplexity(model, tokenizer, req: EvalRequest) -> dict:
+    from tunelab.config import load_config
+    from tunelab.data.dataset import encode_all
+    from tunelab.data.pipeline import read_rows, to_example
+    from tunelab.data.readers import Problem
+    from tunelab.train.loop import evaluate_loss
+
+    problems: list[Problem] = []
+    cfg = load_config({"data": {"train": req.perplexity, "max_length": 2048}}).data
+    records, fmt = read_rows(cfg.train, "--perplexity", None, problems)
+    if problems:
+        raise TunelabError(problems[0].text)
+    examples = [to_example(r, fmt) for r in (records[: req.limit] if req.limit else records)]
+    encoded = encode_all(examples, tokenizer, cfg)
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    loss = evaluate_loss(model, encoded, req.batch_size, tokenizer.pad_token_id, device, _dtype(req.precision))
+    return {"loss": round(loss, 6), "perplexity": round(math.exp(loss), 4), "n": len(encoded),
+            "tokens": sum(e.n_trained for e in encoded), "seconds": round(time.perf_counter() - start, 2)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def evaluate(req: EvalRequest, model=None, tokenizer=None, log=None) -> dict:
+    """Run every task of `req` on one loaded model.
+
+    Raises:
+        TunelabError: nothing to evaluate, unknown benchmark, bad file, target not a model.
+    """
+    if not (req.benchmarks or req.data or req.perplexity):
+        raise TunelabError("nothing to evaluate: give --tasks/--benchmark, --data or --perplexity")
+    if req.limit is not None and req.limit < 1:
+        raise TunelabError(f"--limit: must be at least 1 (got {req.limit})")
+    _dtype(req.precision)
+    if model is None:
+        model, tokenizer = load_eval_model(req.target)
+    results: dict = {}
+    for name in req.benchmarks:
+        results[Path(name).stem if Path(name).suffix else name] = run_benchmark(model, tokenizer, name, req)
+        if log:
+            log(name, results)
+    if req.data and (req.classify or req.labels):
+        results["classification"] = run_classification(model, tokenizer, req)
+    elif req.data:
+        results["generation"] = run_generation(model, tokenizer, req)
+    if req.perplexity:
+        results["perplexity"] = run_perplexity(model, tokenizer, req)
+    settings = {k: v for k, v in req.__dict__.items() if k != "target"}
+    return {"target": str(req.target), "settings": settings, "results": results, "torch": torch.__version__}
