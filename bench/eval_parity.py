@@ -87,7 +87,7 @@ def main() -> int:
     from tunelab.evaluate.runner import load_eval_model
     from tunelab.models.loading import resolve_model
 
-    items, info = benchmark_items(args.benchmark, fewshot=args.fewshot, limit=args.limit)
+    items, _ = benchmark_items(args.benchmark, fewshot=args.fewshot, limit=args.limit)
     items = [it for it in items if not isinstance(it.gold, list)]  # acc/acc_norm items (mc2 is compared elsewhere)
     model_dir = resolve_model(args.model).path if args.model == "default" or not Path(args.model).is_dir() else args.model
     print(f"{args.benchmark}: {len(items)} items, {sum(len(i.choices) for i in items)} choices; model {model_dir}", flush=True)
