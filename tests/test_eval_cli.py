@@ -1,0 +1,92 @@
+"""`tunelab eval` on a tiny model: generation, classification and perplexity tasks, results JSON, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import write_jsonl
+from test_cli_errors import user_error
+from typer.testing import CliRunner
+
+from tunelab.cli import app
+from tunelab.evaluate.loglik import MCItem, score_items
+from tunelab.evaluate.runner import EvalRequest, evaluate, load_eval_model
+
+runner = CliRunner()
+
+
+def sentiment_rows(n: int = 12) -> list[dict]:
+    words = ["great", "awful", "fine", "broken", "lovely", "late"]
+    return [{"prompt": f"Review: the lamp is {words[i % 6]} number {i}. Sentiment?",
+             "response": "positive" if words[i % 6] in ("great", "fine", "lovely") else "negative"} for i in range(n)]
+
+
+def test_generation_task_writes_metrics_and_samples(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "test.jsonl", sentiment_rows(6))
+    out = tmp_path / "results.json"
+    result = runner.invoke(app, ["eval", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    res = json.loads(out.read_text())["results"]["generation"]
+    for key in ("exact_match", "bleu", "chrf", "rouge1", "rouge2", "rougeL"):
+        assert isinstance(res[key], float), key
+    assert res["n"] == 6 and len(res["samples"]) == 6
+    assert res["samples"][0]["id"] == f"{data}:1" and res["samples"][0]["reference"] == "positive"
+    assert "exact_match" in result.stdout
+
+
+def test_loglik_classification_picks_the_highest_scoring_label(tmp_path: Path, tiny_model_dir: Path) -> None:
+    rows = sentiment_rows(10)
+    data = write_jsonl(tmp_path / "test.jsonl", rows)
+    res = evaluate(EvalRequest(str(tiny_model_dir), data=str(data), classify=True, batch_size=3))["results"]["classification"]
+    model, tokenizer = load_eval_model(str(tiny_model_dir))
+    labels = ["negative", "positive"]
+    contexts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True)
+                for r in rows]
+    scores = score_items(model, tokenizer, [MCItem(c, labels, 0) for c in contexts])
+    preds = [labels[s.index(max(s))] for s in scores]
+    truth = [r["response"] for r in rows]
+    assert res["accuracy"] == pytest.approx(sum(p == t for p, t in zip(preds, truth)) / len(rows))
+    assert res["labels"] == labels and res["n"] == 10
+    assert [e["predicted"] for e in res["errors"]] == [p for p, t in zip(preds, truth) if p != t]
+
+
+def test_perplexity_is_exp_of_the_token_weighted_loss(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": "The quick brown fox jumps over the lazy dog."} for _ in range(3)])
+    res = evaluate(EvalRequest(str(tiny_model_dir), perplexity=str(data)))["results"]["perplexity"]
+    assert res["perplexity"] == pytest.approx(math.exp(res["loss"]), rel=1e-3)
+    assert res["n"] == 3 and res["tokens"] > 0
+    assert 1.0 < res["perplexity"] < 10_000  # a random 400-token model is near-uniform
+
+
+def test_local_benchmark_file_scores_acc_and_acc_norm(tmp_path: Path, tiny_model_dir: Path) -> None:
+    rows = [{"query": f"Question: is {w} a colour?\nAnswer:", "choices": ["yes", "no"], "gold": int(w == "dog")}
+            for w in ["red", "blue", "dog", "green"]]
+    bench = write_jsonl(tmp_path / "colours.jsonl", rows)
+    out = tmp_path / "r.json"
+    result = runner.invoke(app, ["eval", str(tiny_model_dir), "--benchmark", str(bench), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    res = json.loads(out.read_text())["results"]["colours"]
+    assert res["n"] == 4 and 0.0 <= res["acc"] <= 1.0 and 0.0 <= res["acc_norm"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        ([], "nothing to evaluate"),
+        (["--data", "rows.jsonl", "--limit", "0"], "--limit: must be at least 1"),
+        (["--data", "rows.jsonl", "--precision", "fp8"], "--precision: fp32 or bf16"),
+        (["--data", "missing.jsonl"], "file not found"),
+    ],
+)
+def test_eval_user_errors(tmp_path: Path, tiny_model_dir: Path, monkeypatch, args: list[str], fragment: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "rows.jsonl", sentiment_rows(3))
+    user_error(runner.invoke(app, ["eval", str(tiny_model_dir), *args]), fragment)
+
+
+def test_eval_on_something_that_is_not_a_model(tmp_path: Path) -> None:
+    rows = write_jsonl(tmp_path / "rows.jsonl", sentiment_rows(3))
+    user_error(runner.invoke(app, ["eval", str(tmp_path / "nope"), "--data", str(rows)]), "nope")
