@@ -12,8 +12,9 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Prepared-data cache entries of test runs go to a throw-away directory, never the user's cache.
+# Prepared-data and eval cache entries of test runs go to throw-away directories, never the user's cache.
 os.environ.setdefault("TUNELAB_DATA_CACHE", tempfile.mkdtemp(prefix="tunelab-test-data-cache-"))
+os.environ.setdefault("TUNELAB_EVAL_CACHE", tempfile.mkdtemp(prefix="tunelab-test-eval-cache-"))
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

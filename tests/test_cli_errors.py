@@ -327,7 +327,7 @@ def test_chat_bad_sampling_option(tiny_model_dir) -> None:
     user_error(runner.invoke(app, ["chat", str(tiny_model_dir), "--temperature", "-0.5"]), "--temperature")
 
 
-@pytest.mark.parametrize("verb", ["train", "generate", "chat", "demo"])
+@pytest.mark.parametrize("verb", ["train", "generate", "chat", "demo", "eval", "report"])
 def test_help(verb: str) -> None:
     result = runner.invoke(app, [verb, "--help"])
     assert result.exit_code == 0, result.output

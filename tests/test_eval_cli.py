@@ -90,3 +90,19 @@ def test_eval_user_errors(tmp_path: Path, tiny_model_dir: Path, monkeypatch, arg
 def test_eval_on_something_that_is_not_a_model(tmp_path: Path) -> None:
     rows = write_jsonl(tmp_path / "rows.jsonl", sentiment_rows(3))
     user_error(runner.invoke(app, ["eval", str(tmp_path / "nope"), "--data", str(rows)]), "nope")
+
+
+def test_results_are_cached_per_model_task_and_settings(tmp_path: Path, tiny_model_dir: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl(tmp_path / "test.jsonl", sentiment_rows(4))
+    req = EvalRequest(str(tiny_model_dir), data=str(data), max_new_tokens=4, batch_size=2)
+    first = evaluate(req)["results"]["generation"]
+    second = evaluate(req)["results"]["generation"]
+    assert (first["cached"], second["cached"]) == (False, True)
+    assert {k: v for k, v in first.items() if k not in ("cached", "seconds")} == {
+        k: v for k, v in second.items() if k not in ("cached", "seconds")}
+    # Another setting or other data bytes: computed again.
+    assert evaluate(EvalRequest(str(tiny_model_dir), data=str(data), max_new_tokens=5, batch_size=2))["results"]["generation"]["cached"] is False
+    data.write_text(data.read_text().replace("number 0", "number zero"))
+    assert evaluate(req)["results"]["generation"]["cached"] is False
+    assert evaluate(req, cache=False)["results"]["generation"]["cached"] is False

