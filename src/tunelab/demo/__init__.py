@@ -25,6 +25,7 @@ def demo_config(output_dir: str = "runs/demo", **training) -> dict:
         "data": {
             "train": str(DATA_DIR / "train.jsonl"),
             "validation": str(DATA_DIR / "validation.jsonl"),
+            "test": str(DATA_DIR / "test.jsonl"),  # never trained on; `tunelab report` scores it
             "format": "prompt_response",
             "max_length": 256,
         },
