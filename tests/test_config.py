@@ -391,5 +391,6 @@ def test_shipped_demo_yaml_is_the_demo_run() -> None:
     for cfg in (shipped, built):
         cfg["data"]["train"] = Path(cfg["data"]["train"]).name
         cfg["data"]["validation"] = Path(cfg["data"]["validation"]).name
+        cfg["data"]["test"] = Path(cfg["data"]["test"]).name
         cfg["output"] = None
     assert shipped == built
