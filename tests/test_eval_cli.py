@@ -106,3 +106,30 @@ def test_results_are_cached_per_model_task_and_settings(tmp_path: Path, tiny_mod
     data.write_text(data.read_text().replace("number 0", "number zero"))
     assert evaluate(req)["results"]["generation"]["cached"] is False
     assert evaluate(req, cache=False)["results"]["generation"]["cached"] is False
+
+
+@pytest.mark.parametrize(
+    ("rows", "fragment"),
+    [
+        ([{"query": "Q: 1+1?\nA:", "choices": ["2", "3"], "gold": 5}], ":1: gold"),
+        ([{"query": "Q: 1+1?\nA:", "choices": ["2"], "gold": 0}], ":1: choices"),
+        ([{"query": "Q: 1+1?\nA:", "gold": 0}], "choices"),
+    ],
+)
+def test_bad_benchmark_files_are_one_line_errors(tmp_path: Path, tiny_model_dir: Path, rows: list, fragment: str) -> None:
+    bench = write_jsonl(tmp_path / "bench.jsonl", rows)
+    user_error(runner.invoke(app, ["eval", str(tiny_model_dir), "--benchmark", str(bench)]), fragment)
+
+
+def test_unknown_task_name_suggests_the_closest(tiny_model_dir: Path) -> None:
+    user_error(runner.invoke(app, ["eval", str(tiny_model_dir), "--tasks", "arc_eazy"]), "arc_eazy", "arc_easy")
+
+
+def test_sampled_generation_is_seeded(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "test.jsonl", sentiment_rows(3))
+    req = EvalRequest(str(tiny_model_dir), data=str(data), max_new_tokens=6, temperature=1.0, seed=7)
+    first = evaluate(req, cache=False)["results"]["generation"]["samples"]
+    again = evaluate(req, cache=False)["results"]["generation"]["samples"]
+    greedy = evaluate(EvalRequest(str(tiny_model_dir), data=str(data), max_new_tokens=6), cache=False)["results"]["generation"]
+    assert first == again
+    assert [s["prediction"] for s in first] != [s["prediction"] for s in greedy["samples"]]

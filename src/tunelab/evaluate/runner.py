@@ -39,6 +39,8 @@ class EvalRequest:
     classify_by: str = "loglik"  # loglik | generate
     perplexity: str | None = None
     max_new_tokens: int = 256
+    temperature: float = 0.0  # generation tasks: 0 is greedy, above 0 samples (seeded)
+    top_p: float = 1.0
     batch_size: int = 16
     precision: str = "fp32"  # fp32 matches lm-eval's numbers; bf16 is faster on CPUs with native bf16
     seed: int = 1234
@@ -104,8 +106,8 @@ def run_generation(model, tokenizer, req: EvalRequest) -> dict:
 
     rows = _rows(req.data, req.limit)
     start = time.perf_counter()
-    preds = generate(model, tokenizer, [p for p, _, _ in rows], max_new_tokens=req.max_new_tokens, batch_size=req.batch_size,
-                     seed=req.seed)
+    preds = generate(model, tokenizer, [p for p, _, _ in rows], max_new_tokens=req.max_new_tokens, temperature=req.temperature,
+                     top_p=req.top_p, batch_size=req.batch_size, seed=req.seed)
     metrics = generation_metrics(preds, [r for _, r, _ in rows])
     samples = [{"id": w, "reference": r, "prediction": p} for (_, r, w), p in zip(rows, preds)]
     return {**metrics, "n": len(rows), "seconds": round(time.perf_counter() - start, 2), "samples": samples}
@@ -234,7 +236,10 @@ def evaluate(req: EvalRequest, model=None, tokenizer=None, log=None, cache: bool
     elif req.data:
         results["generation"] = run(
             lambda fp: task_cache_key(fp, "generation", req.data, limit=req.limit, seed=req.seed,
-                                      max_new_tokens=req.max_new_tokens, precision=req.precision),
+                                      max_new_tokens=req.max_new_tokens, precision=req.precision)
+            if req.temperature == 0 else {**task_cache_key(fp, "generation", req.data, limit=req.limit, seed=req.seed,
+                                                           max_new_tokens=req.max_new_tokens, precision=req.precision),
+                                          "sampling": [req.temperature, req.top_p]},
             lambda: run_generation(*the_model(), req))
     if req.perplexity:
         results["perplexity"] = run_perplexity(*the_model(), req)
