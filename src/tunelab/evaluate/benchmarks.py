@@ -403,8 +403,10 @@ register_layout(Layout("commonsense_qa", ("question", "choices", "answerKey", "q
                        "\nAnswer:", "{letter}"))  # commonsense_qa/default.yaml
 register_layout(Layout("openbookqa", ("question_stem", "choices", "answerKey"), openbookqa_doc))  # openbookqa/openbookqa.yaml
 register_layout(Layout("hellaswag", ("ctx|ctx_a", "endings", "label"), hellaswag_doc))
-register_layout(Layout("hellaswag_lm_eval", ("activity_label", "ctx_a", "ctx_b", "endings", "label"), hellaswag_lm_eval_doc,
-                       detect=False))  # hellaswag/hellaswag.yaml + utils.py
+# Rows with every field lm-eval's hellaswag task reads get its preprocessing, so scores compare with lm-eval's; rows
+# with only ctx/endings/label are scored as written.
+register_layout(Layout("hellaswag_lm_eval", ("activity_label", "ctx_a", "ctx_b", "endings", "label"), hellaswag_lm_eval_doc))
+# hellaswag/hellaswag.yaml + utils.py
 register_layout(Layout("mmlu", ("question", "choices", "answer"), mmlu_doc, MMLU_PROMPT, "{letter}"))  # mmlu/default
 register_layout(Layout("mmlu_csv", MMLU_CSV_COLUMNS, mmlu_csv_doc, MMLU_PROMPT, "{letter}"))  # mmlu/default
 register_layout(Layout("truthfulqa_mc1", ("question", "mc1_targets"), truthfulqa_mc1_doc, TRUTHFULQA_PROMPT))  # truthfulqa_mc1
