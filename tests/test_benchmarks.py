@@ -516,3 +516,10 @@ def test_contexts_match_lm_eval_tasks(name, task, splits) -> None:
             theirs.setdefault(instance.doc_id, []).append(instance.arguments)
         items, _ = benchmark_items(name, fewshot=k, limit=40)
         assert [[(it.context, c) for c in it.choices] for it in items] == [theirs[i] for i in sorted(theirs)]
+
+
+def test_copa_question_that_is_not_a_string_is_a_row_error(tmp_path) -> None:
+    # Found by test_arbitrary_rows_never_crash on CI: a list in `question` raised TypeError (unhashable) instead.
+    path = write_jsonl(tmp_path / "copa.jsonl", [{"premise": "It rained.", "choice1": "a", "choice2": "b", "question": [], "label": 0}])
+    with pytest.raises(TunelabError, match=r"copa.jsonl:1: question: expected 'cause' or 'effect', got \[\]"):
+        docs_of(path, "copa")

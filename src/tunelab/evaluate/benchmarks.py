@@ -376,7 +376,8 @@ def copa_doc(rec: Record) -> MCDoc:
     """COPA, lm-eval's `super_glue/copa/utils.py` verbatim: query = premise.strip() without its last character (the
     period) + " because" / " therefore"; each choice with its first letter lowered (the layout's choice template adds
     lm-eval's leading space, so continuations start with two spaces, exactly as lm-eval scores them)."""
-    connector = {"cause": "because", "effect": "therefore"}.get(_value(rec, "question", "copa"))
+    question = _value(rec, "question", "copa")
+    connector = {"cause": "because", "effect": "therefore"}.get(question) if isinstance(question, str) else None
     if connector is None:
         raise TunelabError(f"{rec.where}: question: expected 'cause' or 'effect', got {rec.row['question']!r}")
     query = _text(rec, "premise", "copa").strip()[:-1] + f" {connector}"
