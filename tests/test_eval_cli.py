@@ -133,3 +133,14 @@ def test_sampled_generation_is_seeded(tmp_path: Path, tiny_model_dir: Path) -> N
     greedy = evaluate(EvalRequest(str(tiny_model_dir), data=str(data), max_new_tokens=6), cache=False)["results"]["generation"]
     assert first == again
     assert [s["prediction"] for s in first] != [s["prediction"] for s in greedy["samples"]]
+
+
+def test_list_needs_no_target_and_a_typed_newline_in_prompt_is_a_newline(tmp_path: Path, tiny_model_dir: Path) -> None:
+    listing = runner.invoke(app, ["eval", "--list"])
+    assert listing.exit_code == 0 and "arc_easy" in listing.stdout.split() and "mmlu" in listing.stdout.split()
+    user_error(runner.invoke(app, ["eval", "--tasks", "arc_easy"]), "TARGET")
+    bench = write_jsonl(tmp_path / "b.jsonl", [{"query": "Is red a colour?", "choices": ["yes", "no"], "gold": 0}])
+    out = tmp_path / "r.json"
+    result = runner.invoke(app, ["eval", str(tiny_model_dir), "-b", str(bench), "--prompt", "Q: {query}\\nA:", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["settings"]["prompt"] == "Q: {query}\nA:"

@@ -199,7 +199,7 @@ def demo(
              "--benchmark my_mc.jsonl --prompt '{query}\\nAnswer:' --fewshot 5 --output results.json | tunelab eval runs/demo "
              "--data data/test.jsonl | tunelab eval runs/sst --data test.csv --classify")
 def eval_(
-    target: str = typer.Argument(..., help="A run directory, an HF model dir, a .gguf file, a hub id, or 'default'."),
+    target: str | None = typer.Argument(None, help="A run directory, an HF model dir, a .gguf file, a hub id, or 'default'."),
     tasks: str | None = typer.Option(None, "--tasks", "-t", help="Comma-separated benchmark names (see --list)."),
     benchmark: list[str] | None = typer.Option(None, "--benchmark", "-b", help="A local benchmark file or benchmark YAML (repeatable)."),
     prompt: str | None = typer.Option(None, help="Prompt template for benchmark files, e.g. '{query}\\nAnswer:'."),
@@ -231,6 +231,10 @@ def eval_(
         from tunelab.evaluate.runner import EvalRequest, evaluate
 
         _check_sampling(max_new_tokens, temperature, top_p)
+        if target is None:
+            raise TunelabError("TARGET: give the model to score: a run directory, an HF model dir, a .gguf file or 'default'")
+        if prompt is not None:  # typed in a shell, "\n" arrives as backslash + n
+            prompt = prompt.replace("\\n", "\n").replace("\\t", "\t")
         names = [t.strip() for t in (tasks or "").split(",") if t.strip()] + list(benchmark or [])
         req = EvalRequest(target, names, prompt, fewshot, limit, data, classify, [x.strip() for x in labels.split(",")] if labels else None,
                           classify_by, perplexity, max_new_tokens, temperature, top_p, batch_size=batch_size, precision=precision)
