@@ -199,7 +199,8 @@ def evaluate(req: EvalRequest, model=None, tokenizer=None, log=None, cache: bool
     from tunelab.evaluate.report import cached_eval, model_fingerprint, task_cache_key
 
     if not (req.benchmarks or req.data or req.perplexity):
-        raise TunelabError("nothing to evaluate: give --tasks/--benchmark, --data or --perplexity")
+        raise TunelabError("nothing to evaluate: give --tasks/--benchmark, --data or --perplexity "
+                           "(`tunelab report RUN_DIR` scores a run on its own test split)")
     if req.limit is not None and req.limit < 1:
         raise TunelabError(f"--limit: must be at least 1 (got {req.limit})")
     _dtype(req.precision)
