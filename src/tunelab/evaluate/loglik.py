@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from tunelab.train.loss import _backbone_and_head
+
 
 @dataclass
 class MCItem:
@@ -63,11 +65,12 @@ def _log_softmax_at(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 @torch.no_grad()
 def score_items(model, tokenizer, items: list[MCItem], batch_size: int = 16, dtype: torch.dtype | None = None,
-                progress=None) -> list[list[float]]:
+                progress=None, token_budget: int = 256) -> list[list[float]]:
     """The summed log-probability of every choice's continuation given its context, per item.
 
     Each context runs through the model once (left-padded batches, sorted by length, logits only at the last position);
-    its KV cache is then repeated for the item's choices, and only the continuation tokens run again. lm-eval instead
+    its KV cache is then repeated for the item's choices, and only the continuation tokens run again, in chunks of
+    choices of similar length holding about `token_budget` tokens each. lm-eval instead
     runs context + choice once per choice and computes the vocabulary projection at every position.
     """
     device = next(model.parameters()).device
@@ -77,6 +80,7 @@ def score_items(model, tokenizer, items: list[MCItem], batch_size: int = 16, dty
     scores: list[list[float]] = [[] for _ in items]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    decoder, head, softcap = _backbone_and_head(model)
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         ctxs = [encoded[i].context for i in batch]
@@ -92,32 +96,53 @@ def score_items(model, tokenizer, items: list[MCItem], batch_size: int = 16, dty
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                         past_key_values=cache, use_cache=True, logits_to_keep=1)
         last = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each continuation's first token
-        # One row per (item, choice): the first token's log-prob from `last`, the rest from a pass over the continuation.
+        # One row per (item, choice): the first token's log-prob from `last`, the rest from passes over the continuations.
         rows = [(r, i, c) for r, i in enumerate(batch) for c in range(len(encoded[i].continuations))]
-        firsts = torch.stack([last[r, encoded[i].continuations[c][0]] for r, i, c in rows])
-        rests = [encoded[i].continuations[c] for _, i, c in rows]
-        totals = firsts.clone()
-        longest = max(len(cont) for cont in rests)
-        if longest > 1:
-            index = torch.tensor([r for r, _, _ in rows], device=device)
-            cache.batch_select_indices(index)
-            cont_ids = torch.full((len(rows), longest - 1), pad, dtype=torch.long)
-            cont_mask = torch.zeros((len(rows), longest - 1), dtype=torch.long)
-            targets = torch.zeros((len(rows), longest - 1), dtype=torch.long)
-            for k, cont in enumerate(rests):
+        totals = torch.stack([last[r, encoded[i].continuations[c][0]] for r, i, c in rows]).cpu()
+        prefix = [(layer.keys, layer.values) for layer in cache.layers]
+        # Rows sorted by continuation length and cut into chunks, so a long ending does not pad every other row.
+        chunk_width: list[int] = []
+        by_length = sorted((k for k in range(len(rows)) if len(encoded[rows[k][1]].continuations[rows[k][2]]) > 1),
+                           key=lambda k: -len(encoded[rows[k][1]].continuations[rows[k][2]]))
+        chunks: list[list[int]] = []
+        for k in by_length:  # longest first: a chunk's first row sets its width
+            width = len(encoded[rows[k][1]].continuations[rows[k][2]])
+            if chunks and (len(chunks[-1]) + 1) * chunk_width[-1] <= token_budget:
+                chunks[-1].append(k)
+            else:
+                chunks.append([k])
+                chunk_width.append(width)
+        for chunk in chunks:
+            conts = [encoded[rows[k][1]].continuations[rows[k][2]] for k in chunk]
+            width_c = max(len(c) for c in conts) - 1
+            index = torch.tensor([rows[k][0] for k in chunk])
+            sub = DynamicCache()
+            for layer_idx, (keys, values) in enumerate(prefix):
+                sub.update(keys[index.to(keys.device)], values[index.to(values.device)], layer_idx)
+            cont_ids = torch.full((len(chunk), width_c), pad, dtype=torch.long)
+            cont_mask = torch.zeros((len(chunk), width_c), dtype=torch.long)
+            targets = torch.zeros((len(chunk), width_c), dtype=torch.long)
+            for row, cont in enumerate(conts):
                 n = len(cont) - 1
-                if n:
-                    cont_ids[k, :n] = torch.tensor(cont[:-1])
-                    targets[k, :n] = torch.tensor(cont[1:])
-                    cont_mask[k, :n] = 1
-            full_mask = torch.cat([mask[index.cpu()], cont_mask], dim=1)
-            ctx_len = mask[index.cpu()].sum(-1, keepdim=True)
-            cont_positions = ctx_len + torch.arange(longest - 1).unsqueeze(0)
+                cont_ids[row, :n] = torch.tensor(cont[:-1])
+                targets[row, :n] = torch.tensor(cont[1:])
+                cont_mask[row, :n] = 1
+            full_mask = torch.cat([mask[index], cont_mask], dim=1)
+            cont_positions = mask[index].sum(-1, keepdim=True) + torch.arange(width_c).unsqueeze(0)
+            inputs = {"input_ids": cont_ids.to(device), "attention_mask": full_mask.to(device),
+                      "position_ids": cont_positions.to(device), "past_key_values": sub, "use_cache": True}
+            keep = cont_mask.bool()
             with autocast:
-                out = model(input_ids=cont_ids.to(device), attention_mask=full_mask.to(device),
-                            position_ids=cont_positions.to(device), past_key_values=cache, use_cache=True)
-            logp = _log_softmax_at(out.logits, targets.to(device)) * cont_mask.to(device)
-            totals = totals + logp.sum(-1).cpu()
+                if decoder is not None and head is not None:  # the vocabulary projection only where a token is scored
+                    hidden = decoder(**inputs).last_hidden_state
+                    logits = head(hidden[keep.to(device)])
+                    if softcap:
+                        logits = torch.tanh(logits / softcap) * softcap
+                else:
+                    logits = model(**inputs).logits[keep.to(device)]
+            logp = _log_softmax_at(logits, targets[keep].to(device)).cpu()
+            owner = torch.tensor(chunk).unsqueeze(1).expand_as(keep)[keep]
+            totals.index_add_(0, owner, logp)
         for (_, i, _), value in zip(rows, totals.tolist()):
             scores[i].append(value)
         if progress is not None:
