@@ -250,3 +250,14 @@ def test_every_format_and_file_type_trains(tiny_model_dir, tmp_path, layout):
                                           training={"max_steps": 3})), quiet=True)
     assert result.summary["data_format"] == layout.split("-")[0]  # detected, not configured
     assert result.summary["steps"] == 3 and result.summary["final_eval_loss"] is not None
+
+
+def test_importing_training_modules_never_shadows_the_train_function() -> None:
+    # The subpackage tunelab.train and the API function tunelab.train share a name; importing a submodule (as the
+    # evaluation engine does) must leave the function in place.
+    import subprocess
+    import sys
+
+    code = ("import tunelab.evaluate.loglik, tunelab.train.loss, tunelab.train.loop, tunelab; from tunelab import train; "
+            "assert callable(tunelab.train) and callable(train), (tunelab.train, train)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

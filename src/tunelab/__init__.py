@@ -11,8 +11,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import tunelab.train as _train_package  # noqa: F401
 from tunelab.config import RunConfig, load_config
 from tunelab.errors import TunelabError
+
+# The subpackage tunelab.train is imported above, before the function below takes its name: Python binds a subpackage
+# to its parent's attribute only when it is first imported, so a later `import tunelab.train.loss` anywhere cannot
+# replace the function `tunelab.train` with the module.
 
 
 def train(config, overrides: list[str] | None = None, resume: bool | str | None = None, quiet: bool = False):
