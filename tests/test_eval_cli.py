@@ -144,3 +144,17 @@ def test_list_needs_no_target_and_a_typed_newline_in_prompt_is_a_newline(tmp_pat
     result = runner.invoke(app, ["eval", str(tiny_model_dir), "-b", str(bench), "--prompt", "Q: {query}\\nA:", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["settings"]["prompt"] == "Q: {query}\nA:"
+
+
+def test_similarity_adds_the_minilm_score(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from tunelab.evaluate.metrics import embedding_similarity_unavailable_reason
+
+    data = write_jsonl(tmp_path / "test.jsonl", sentiment_rows(2))
+    res = evaluate(EvalRequest(str(tiny_model_dir), data=str(data), max_new_tokens=4, similarity=True), cache=False)
+    value = res["results"]["generation"]["embedding_similarity"]
+    if embedding_similarity_unavailable_reason() is None:
+        assert isinstance(value, float) and -1.0 <= value <= 1.0
+    else:
+        assert value is None
+    plain = evaluate(EvalRequest(str(tiny_model_dir), data=str(data), max_new_tokens=4), cache=False)
+    assert "embedding_similarity" not in plain["results"]["generation"]

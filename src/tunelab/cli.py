@@ -213,6 +213,7 @@ def eval_(
     max_new_tokens: int = typer.Option(256, help="Longest generated reply (generation tasks)."),
     temperature: float = typer.Option(0.0, help="Generation tasks: 0 = greedy; > 0 samples (seeded)."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling threshold (with temperature > 0)."),
+    similarity: bool = typer.Option(False, "--similarity", help="Generation tasks: also MiniLM embedding similarity."),
     batch_size: int = typer.Option(16, help="Items per forward pass."),
     precision: str = typer.Option("fp32", help="fp32 (lm-eval's numbers) or bf16 (faster on CPUs with bf16)."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write the results as JSON here."),
@@ -237,7 +238,8 @@ def eval_(
             prompt = prompt.replace("\\n", "\n").replace("\\t", "\t")
         names = [t.strip() for t in (tasks or "").split(",") if t.strip()] + list(benchmark or [])
         req = EvalRequest(target, names, prompt, fewshot, limit, data, classify, [x.strip() for x in labels.split(",")] if labels else None,
-                          classify_by, perplexity, max_new_tokens, temperature, top_p, batch_size=batch_size, precision=precision)
+                          classify_by, perplexity, max_new_tokens, temperature, top_p, similarity, batch_size=batch_size,
+                          precision=precision)
         results = evaluate(req, cache=not no_cache, log=lambda name, res: err.print(f"{name}: " + ", ".join(
             f"{k} {v:.4f}" for k, v in res.items() if k in ("acc", "acc_norm", "mc2")), highlight=False))
     except TunelabError as exc:

@@ -40,6 +40,7 @@ class EvalRequest:
     perplexity: str | None = None
     max_new_tokens: int = 256
     temperature: float = 0.0  # generation tasks: 0 is greedy, above 0 samples (seeded)
+    similarity: bool = False  # generation tasks: also MiniLM embedding similarity
     top_p: float = 1.0
     batch_size: int = 16
     precision: str = "fp32"  # fp32 matches lm-eval's numbers; bf16 is faster on CPUs with native bf16
@@ -108,7 +109,10 @@ def run_generation(model, tokenizer, req: EvalRequest) -> dict:
     start = time.perf_counter()
     preds = generate(model, tokenizer, [p for p, _, _ in rows], max_new_tokens=req.max_new_tokens, temperature=req.temperature,
                      top_p=req.top_p, batch_size=req.batch_size, seed=req.seed)
-    metrics = generation_metrics(preds, [r for _, r, _ in rows])
+    from tunelab.evaluate.metrics import DEFAULT_GENERATION_METRICS
+
+    which = (*DEFAULT_GENERATION_METRICS, "embedding_similarity") if req.similarity else DEFAULT_GENERATION_METRICS
+    metrics = generation_metrics(preds, [r for _, r, _ in rows], which=which)
     samples = [{"id": w, "reference": r, "prediction": p} for (_, r, w), p in zip(rows, preds)]
     return {**metrics, "n": len(rows), "seconds": round(time.perf_counter() - start, 2), "samples": samples}
 
@@ -187,6 +191,19 @@ def _benchmark_key(fingerprint: str, name: str, req: EvalRequest) -> dict:
                           source=source)
 
 
+def _generation_key(fingerprint: str, req: EvalRequest) -> dict:
+    """The report's key for greedy generation without extras (so the two share results); extras extend it."""
+    from tunelab.evaluate.report import task_cache_key
+
+    key = task_cache_key(fingerprint, "generation", req.data, limit=req.limit, seed=req.seed,
+                         max_new_tokens=req.max_new_tokens, precision=req.precision)
+    if req.temperature > 0:
+        key["sampling"] = [req.temperature, req.top_p]
+    if req.similarity:
+        key["similarity"] = True
+    return key
+
+
 def evaluate(req: EvalRequest, model=None, tokenizer=None, log=None, cache: bool = True) -> dict:
     """Run every task of `req` on one model, loaded only if some result is not in the eval cache.
 
@@ -236,11 +253,7 @@ def evaluate(req: EvalRequest, model=None, tokenizer=None, log=None, cache: bool
             results["classification"] = {**run_classification(*the_model(), req), "cached": False}
     elif req.data:
         results["generation"] = run(
-            lambda fp: task_cache_key(fp, "generation", req.data, limit=req.limit, seed=req.seed,
-                                      max_new_tokens=req.max_new_tokens, precision=req.precision)
-            if req.temperature == 0 else {**task_cache_key(fp, "generation", req.data, limit=req.limit, seed=req.seed,
-                                                           max_new_tokens=req.max_new_tokens, precision=req.precision),
-                                          "sampling": [req.temperature, req.top_p]},
+            lambda fp: _generation_key(fp, req),
             lambda: run_generation(*the_model(), req))
     if req.perplexity:
         results["perplexity"] = run_perplexity(*the_model(), req)
