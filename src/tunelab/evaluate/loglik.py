@@ -65,7 +65,7 @@ def _log_softmax_at(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 @torch.no_grad()
 def score_items(model, tokenizer, items: list[MCItem], batch_size: int = 16, dtype: torch.dtype | None = None,
-                progress=None, token_budget: int = 256) -> list[list[float]]:
+                progress=None, token_budget: int = 256, prefix_budget: int = 1024) -> list[list[float]]:
     """The summed log-probability of every choice's continuation given its context, per item.
 
     Each context runs through the model once (left-padded batches, sorted by length, logits only at the last position);
@@ -81,8 +81,15 @@ def score_items(model, tokenizer, items: list[MCItem], batch_size: int = 16, dty
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     decoder, head, softcap = _backbone_and_head(model)
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
+    # Context batches hold at most batch_size items and about prefix_budget tokens: on a CPU, several mid-sized
+    # forwards beat one large one (8 MMLU contexts of ~120 tokens ran 10-15% faster than 16).
+    batches: list[list[int]] = []
+    for i in order:  # longest first, so a batch's first item sets its width
+        if batches and len(batches[-1]) < batch_size and (len(batches[-1]) + 1) * len(encoded[batches[-1][0]].context) <= prefix_budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    for batch in batches:
         ctxs = [encoded[i].context for i in batch]
         width = max(map(len, ctxs))
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
