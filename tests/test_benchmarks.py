@@ -377,7 +377,7 @@ def test_load_spec_top_level_or_under_benchmark(tmp_path) -> None:
     ("file: 5\n", "{path}:1: file: Input should be a valid string (got 5)"),
     ("name: [a]\nfile: q.jsonl\n", "{path}:1: name: Input should be a valid string"),
     ("file: q.jsonl\nfewshot_split: train\n", "{path}: fewshot_split picks a split through '{split}' in the file path"),
-    ("file: [q.jsonl\n", "{path}:2: malformed YAML"),
+    ("file: [q.jsonl\n", "{path}:2: invalid YAML"),
     ("- file: q.jsonl\n", "{path}: expected a mapping of benchmark keys"),
 ])
 def test_load_spec_errors_name_file_line_and_key(tmp_path, text, expected) -> None:

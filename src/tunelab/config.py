@@ -394,6 +394,27 @@ def config_from_dict(data: dict, source: str = "config", lines: dict | None = No
         raise TunelabError(format_validation_error(err, source, data, lines or {}, overridden)) from None
 
 
+def read_yaml(path: Path, what: str, missing: str) -> tuple[Any, str]:
+    """Parse a YAML file; returns (data, text). Every failure is one line naming the file (and the line for bad YAML).
+
+    Raises:
+        TunelabError: the file is missing (`missing` says what to do), unreadable, not UTF-8 or not YAML.
+    """
+    if not path.is_file():
+        raise TunelabError(f"{path}: {missing}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TunelabError(f"{path}: cannot read the {what} ({exc.__class__.__name__}); save it as UTF-8 text") from None
+    try:
+        return yaml.safe_load(text), text
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f"{mark.line + 1}:" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise TunelabError(f"{path}:{line} invalid YAML: {problem}; fix the indentation or quoting there") from None
+
+
 def load_config(path: str | Path | dict, overrides: list[str] | None = None) -> RunConfig:
     """Read a run config from YAML (or take a dict), apply overrides, validate.
 
@@ -405,19 +426,7 @@ def load_config(path: str | Path | dict, overrides: list[str] | None = None) -> 
     if isinstance(path, dict):
         return config_from_dict(apply_overrides(copy.deepcopy(path), overrides), "config", overrides=overrides)
     p = Path(path)
-    if not p.is_file():
-        raise TunelabError(f"{p}: config file not found; pass the path of a run YAML (see configs/)")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TunelabError(f"{p}: cannot read the config ({exc.__class__.__name__}); save it as UTF-8 text") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f"{mark.line + 1}:" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise TunelabError(f"{p}:{line} invalid YAML: {problem}; fix the indentation or quoting there") from None
+    data, text = read_yaml(p, "config", "config file not found; pass the path of a run YAML (see configs/)")
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -33,7 +33,6 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunelab.data.readers import SUFFIXES, Record, expand_paths, read_file
@@ -711,22 +710,10 @@ def load_spec(path: str | Path) -> BenchmarkSpec:
     Raises:
         TunelabError: missing/unreadable file, malformed YAML, unknown key, bad value (`file:line: key: problem`).
     """
-    from tunelab.config import _yaml_lines  # one YAML line map for every config file's error messages
+    from tunelab.config import _yaml_lines, read_yaml  # the run config's YAML reading and line map, shared
 
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TunelabError(f"{path}: benchmark file not found; check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TunelabError(f"{path}: cannot read the benchmark YAML ({exc}); save it as UTF-8 text") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f"{mark.line + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "malformed YAML"
-        raise TunelabError(f"{path}:{line}malformed YAML ({problem}); fix the indentation or quoting") from None
+    data, text = read_yaml(path, "benchmark YAML", "benchmark file not found; check the path")
     prefix: tuple[str, ...] = ()
     if isinstance(data, dict) and set(data) == {"benchmark"} and isinstance(data["benchmark"], dict):
         data, prefix = data["benchmark"], ("benchmark",)
