@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 from tunelab.config import DataConfig
@@ -63,6 +63,19 @@ def example_text(ex: Example, with_system: bool = True) -> str:
     if ex.text is not None:
         return ex.text
     return "\n".join(f"{m['role']}: {m['content']}" for m in ex.messages if with_system or m["role"] != "system")
+
+
+def rewrite_row(row: dict, transform: Callable[[str], tuple[str, Iterable[str] | Counter[str]]]) -> tuple[dict, Counter[str]]:
+    """Run every string of a row through `transform`, which returns the new text and what it changed (names, or a
+    Counter of them); return the new row and how often each name came up over the row."""
+    found: Counter[str] = Counter()
+
+    def fix(text: str) -> str:
+        new, names = transform(text)
+        found.update(names)
+        return new
+
+    return map_strings(row, fix), found
 
 
 def map_strings(value, fn: Callable[[str], str]):
@@ -152,17 +165,10 @@ def clean_step(splits: dict[str, list[Record]], cfg: DataConfig, fmt: str, remov
     for name, rows in splits.items():
         kept = []
         for rec in rows:
-            applied: set[str] = set()
-
-            def fix(text: str, applied: set[str] = applied) -> str:
-                new, names = clean_text(text, options)
-                applied.update(names)
-                return new
-
-            row = map_strings(rec.row, fix)
+            row, applied = rewrite_row(rec.row, lambda text: clean_text(text, options))
             if applied:
                 changed += 1
-                fixes.update(applied)
+                fixes.update(set(applied))  # rows per fix, not fields per fix
                 rec = replace(rec, row=row)
                 try:
                     FORMATS[fmt].to_example(rec)
@@ -184,14 +190,7 @@ def pii_step(splits: dict[str, list[Record]], cfg: DataConfig) -> dict:
     for name, rows in splits.items():
         out = []
         for rec in rows:
-            counts: Counter[str] = Counter()
-
-            def fix(text: str, counts: Counter[str] = counts) -> str:
-                new, n = scrub(text)
-                counts.update(n)
-                return new
-
-            row = map_strings(rec.row, fix)
+            row, counts = rewrite_row(rec.row, scrub)
             if counts:
                 changed += 1
                 found.update(counts)
