@@ -282,7 +282,8 @@ def read_task_rows(spec: str | list[str], key: str, fmt: str | None, system_prom
     for rec in records:
         example = to_example(rec, detected, system_prompt)
         if example.text is not None:
-            raise TunelabError(f"{key}: {spec} holds raw text; a report card needs prompts and responses to compare")
+            raise TunelabError(f"{key}: {spec} holds raw text; scoring replies needs prompts and responses "
+                               "(use tunelab eval --perplexity for text)")
         last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
         rows.append(TaskRow(rec.where, example.messages[:last], example.messages[last]["content"]))
     return rows, records, detected

@@ -77,28 +77,12 @@ def run_benchmark(model, tokenizer, name: str, req: EvalRequest) -> dict:
     return {**multiple_choice_metrics(items, scores), **info, "seconds": round(time.perf_counter() - start, 2)}
 
 
-def _rows(path: str, limit: int | None):
-    """Examples of a data file: the conversation before the last assistant turn, and that turn as the reference."""
-    from tunelab.config import load_config
-    from tunelab.data.pipeline import read_rows, to_example
-    from tunelab.data.readers import Problem
+def _rows(path: str, limit: int | None) -> list[tuple[list[dict], str, str]]:
+    """(conversation before the last assistant turn, that turn as the reference, row id) for each row of a data file."""
+    from tunelab.evaluate.report import read_task_rows
 
-    problems: list[Problem] = []
-    cfg = load_config({"data": {"train": path}}).data
-    records, fmt = read_rows(cfg.train, "--data", None, problems)
-    if problems:
-        raise TunelabError(problems[0].text + (f" ({len(problems) - 1} more; run `tunelab data check {path}`)" if len(problems) > 1 else ""))
-    out = []
-    for rec in records[:limit] if limit else records:
-        ex = to_example(rec, fmt)
-        if ex.text is not None:
-            raise TunelabError(f"--data: {path} holds raw text; generation and classification need prompts and responses "
-                               "(use --perplexity for text)")
-        last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
-        out.append((ex.messages[:last], ex.messages[last]["content"], rec.where))
-    if not out:
-        raise TunelabError(f"--data: {path} has no rows")
-    return out
+    rows, _, _ = read_task_rows(path, "--data", None, None, limit)
+    return [(row.prompt, row.reference, row.id) for row in rows]
 
 
 def run_generation(model, tokenizer, req: EvalRequest) -> dict:
