@@ -11,13 +11,14 @@ special tokens, no chat template.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from transformers import DynamicCache
 
-from tunelab.train.loss import _backbone_and_head
+from tunelab.train.loss import logits_where
 
 
 @dataclass
@@ -63,6 +64,18 @@ def _log_softmax_at(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
+def budget_chunks(order: list[int], sizes: Sequence[int], budget: int, most: int | None = None) -> list[list[int]]:
+    """Cut `order` (indices, longest first) into consecutive chunks whose length x the size of their first (widest)
+    element stays within `budget` tokens, and at most `most` elements."""
+    chunks: list[list[int]] = []
+    for k in order:
+        if chunks and (most is None or len(chunks[-1]) < most) and (len(chunks[-1]) + 1) * sizes[chunks[-1][0]] <= budget:
+            chunks[-1].append(k)
+        else:
+            chunks.append([k])
+    return chunks
+
+
 @torch.no_grad()
 def score_items(model, tokenizer, items: list[MCItem], batch_size: int = 16, dtype: torch.dtype | None = None,
                 progress=None, token_budget: int = 256, prefix_budget: int = 1024) -> list[list[float]]:
@@ -80,16 +93,9 @@ def score_items(model, tokenizer, items: list[MCItem], batch_size: int = 16, dty
     scores: list[list[float]] = [[] for _ in items]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    decoder, head, softcap = _backbone_and_head(model)
     # Context batches hold at most batch_size items and about prefix_budget tokens: on a CPU, several mid-sized
     # forwards beat one large one (8 MMLU contexts of ~120 tokens ran 10-15% faster than 16).
-    batches: list[list[int]] = []
-    for i in order:  # longest first, so a batch's first item sets its width
-        if batches and len(batches[-1]) < batch_size and (len(batches[-1]) + 1) * len(encoded[batches[-1][0]].context) <= prefix_budget:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    for batch in batches:
+    for batch in budget_chunks(order, [len(e.context) for e in encoded], prefix_budget, batch_size):
         ctxs = [encoded[i].context for i in batch]
         width = max(map(len, ctxs))
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -107,20 +113,11 @@ def score_items(model, tokenizer, items: list[MCItem], batch_size: int = 16, dty
         rows = [(r, i, c) for r, i in enumerate(batch) for c in range(len(encoded[i].continuations))]
         totals = torch.stack([last[r, encoded[i].continuations[c][0]] for r, i, c in rows]).cpu()
         prefix = [(layer.keys, layer.values) for layer in cache.layers]
+        row_conts = [encoded[i].continuations[c] for _, i, c in rows]
         # Rows sorted by continuation length and cut into chunks, so a long ending does not pad every other row.
-        chunk_width: list[int] = []
-        by_length = sorted((k for k in range(len(rows)) if len(encoded[rows[k][1]].continuations[rows[k][2]]) > 1),
-                           key=lambda k: -len(encoded[rows[k][1]].continuations[rows[k][2]]))
-        chunks: list[list[int]] = []
-        for k in by_length:  # longest first: a chunk's first row sets its width
-            width = len(encoded[rows[k][1]].continuations[rows[k][2]])
-            if chunks and (len(chunks[-1]) + 1) * chunk_width[-1] <= token_budget:
-                chunks[-1].append(k)
-            else:
-                chunks.append([k])
-                chunk_width.append(width)
-        for chunk in chunks:
-            conts = [encoded[rows[k][1]].continuations[rows[k][2]] for k in chunk]
+        by_length = sorted((k for k in range(len(rows)) if len(row_conts[k]) > 1), key=lambda k: -len(row_conts[k]))
+        for chunk in budget_chunks(by_length, [len(c) for c in row_conts], token_budget):
+            conts = [row_conts[k] for k in chunk]
             width_c = max(len(c) for c in conts) - 1
             index = torch.tensor([rows[k][0] for k in chunk])
             sub = DynamicCache()
@@ -140,13 +137,7 @@ def score_items(model, tokenizer, items: list[MCItem], batch_size: int = 16, dty
                       "position_ids": cont_positions.to(device), "past_key_values": sub, "use_cache": True}
             keep = cont_mask.bool()
             with autocast:
-                if decoder is not None and head is not None:  # the vocabulary projection only where a token is scored
-                    hidden = decoder(**inputs).last_hidden_state
-                    logits = head(hidden[keep.to(device)])
-                    if softcap:
-                        logits = torch.tanh(logits / softcap) * softcap
-                else:
-                    logits = model(**inputs).logits[keep.to(device)]
+                logits = logits_where(model, inputs, keep.to(device))  # the vocabulary projection only on scored tokens
             logp = _log_softmax_at(logits, targets[keep].to(device)).cpu()
             owner = torch.tensor(chunk).unsqueeze(1).expand_as(keep)[keep]
             totals.index_add_(0, owner, logp)

@@ -33,14 +33,18 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     # (Only without a KV cache: with one, transformers does not look for packed sequences.)
     positions = "position_ids" if "position_ids" in batch else "attention_mask"
     inputs = {"input_ids": batch["input_ids"], positions: batch[positions], "use_cache": False}
-    decoder, head, softcap = _backbone_and_head(model)
-    if decoder is None or head is None:
-        logits = model(**inputs).logits[:, :-1]
-        selected = logits[keep]
-    else:
-        hidden = decoder(**inputs).last_hidden_state
-        selected = head(hidden[:, :-1][keep])
-        if softcap:
-            selected = torch.tanh(selected / softcap) * softcap
+    selected = logits_where(model, inputs, keep, shift=True)
     loss = F.cross_entropy(selected.float(), labels[keep], reduction="sum")
     return loss, n
+
+
+def logits_where(model, inputs: dict, keep: torch.Tensor, shift: bool = False) -> torch.Tensor:
+    """Logits only at the positions `keep` marks (of positions[:-1] with `shift`): the LM head never sees the others.
+    Training uses it for trained tokens, log-likelihood scoring for scored continuation tokens."""
+    decoder, head, softcap = _backbone_and_head(model)
+    if decoder is None or head is None:
+        logits = model(**inputs).logits
+        return (logits[:, :-1] if shift else logits)[keep]
+    hidden = decoder(**inputs).last_hidden_state
+    selected = head((hidden[:, :-1] if shift else hidden)[keep])
+    return torch.tanh(selected / softcap) * softcap if softcap else selected
