@@ -9,7 +9,14 @@ import pytest
 import torch
 from conftest import build_tiny_model, build_tiny_tokenizer
 
-from tunelab.evaluate.loglik import MCItem, encode_item, multiple_choice_metrics, score_items, score_items_reference
+from tunelab.evaluate.loglik import (
+    MCItem,
+    encode_item,
+    multiple_choice_metrics,
+    score_items,
+    score_items_reference,
+    shared_prefix_groups,
+)
 
 ITEMS = [
     MCItem("Question: what is the capital of France?\nAnswer:", [" Paris", " the lazy dog jumps", " 4"], 0),
@@ -34,6 +41,37 @@ def test_batched_shared_context_scores_equal_one_forward_per_choice(tiny, batch_
     assert [len(r) for r in got] == [len(it.choices) for it in ITEMS]
     for ref_row, got_row in zip(reference, got):
         assert got_row == pytest.approx(ref_row, abs=1e-4)
+
+
+HEADER = "Write a haiku about autumn leaves falling slowly to the ground. Hello! How can I help you today?\n\n"
+SHOTS = "Question: what is the capital of France?\nAnswer: Paris\n\n"
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_items_sharing_a_header_and_few_shot_examples_score_like_one_forward_per_choice(tiny, batch_size: int) -> None:
+    model, tokenizer = tiny
+    items = [MCItem(HEADER + SHOTS + q, c, 0) for q, c in [
+        ("Question: 2 + 2?\nAnswer:", [" 4", " 5 6 7"]), ("Question: the fox?\nAnswer:", [" jumps over", " sleeps"]),
+        ("Question: Hello!\nAnswer:", [" How can I help you today?", " goodbye"]),
+    ]] + [MCItem(HEADER + "Question: France?\nAnswer:", [" Paris", " 4"], 0)] + ITEMS
+    groups = shared_prefix_groups([encode_item(tokenizer, it, 512).context for it in items])
+    shared = [(n, sorted(m)) for n, m in groups if n]
+    assert len(shared) == 1 and {0, 1, 2} <= set(shared[0][1]) <= {0, 1, 2, 3}  # the few-shot items (+ the header-only one)
+    header_tokens = len(tokenizer(HEADER.rstrip(), add_special_tokens=False)["input_ids"])
+    assert shared[0][0] >= header_tokens - 1
+    assert sorted(i for _, m in groups for i in m) == list(range(len(items)))
+    reference = score_items_reference(model, tokenizer, items)
+    got = score_items(model, tokenizer, items, batch_size=batch_size)
+    for ref_row, got_row in zip(reference, got):
+        assert got_row == pytest.approx(ref_row, abs=1e-4)
+
+
+def test_shared_prefix_groups_split_where_keeping_the_prefix_no_longer_pays() -> None:
+    a, b = list(range(100, 140)), list(range(200, 230))
+    contexts = [a + [1, 2], a + [3, 4], a + [5], b + [6], b + [7, 8], [9, 10], [9, 11]]
+    groups = {n: sorted(m) for n, m in shared_prefix_groups(contexts)}
+    assert groups == {40: [0, 1, 2], 30: [3, 4], 0: [5, 6]}  # a 1-token common prefix is not worth a pass of its own
+    assert shared_prefix_groups([a, a]) == [(39, [0, 1])]  # identical contexts keep their last token to run
 
 
 def test_reference_is_the_sum_of_next_token_log_probs(tiny) -> None:

@@ -187,7 +187,7 @@ def test_output_dir_safety(tiny_model_dir, alpaca_file, tmp_path):
 
 def test_precision_falls_back_to_fp32_without_native_bf16():
     from tunelab.errors import TunelabError
-    from tunelab.train.loop import pick_precision
+    from tunelab.train.precision import pick_precision
 
     cpu = torch.device("cpu")
     assert pick_precision("auto", cpu, cpu_bf16=True) == torch.bfloat16
@@ -202,7 +202,7 @@ def test_precision_falls_back_to_fp32_without_native_bf16():
 def test_bf16_autocast_run_trains_and_keeps_fp32_adapters(tiny_model_dir, alpaca_file, tmp_path):
     from safetensors.torch import load_file
 
-    from tunelab.train.loop import cpu_supports_bf16
+    from tunelab.train.precision import cpu_supports_bf16
 
     if not cpu_supports_bf16():
         pytest.skip("this CPU has no native bf16; the fp32 fallback is covered above")

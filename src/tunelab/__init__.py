@@ -20,12 +20,14 @@ from tunelab.errors import TunelabError
 # replace the function `tunelab.train` with the module.
 
 
-def train(config, overrides: list[str] | None = None, resume: bool | str | None = None, quiet: bool = False):
-    """Run a fine-tune from a RunConfig, a YAML path or a dict; returns a TrainResult(run_dir, summary)."""
+def train(config, overrides: list[str] | None = None, resume: bool | str | None = None, quiet: bool = False, on_eval=None):
+    """Run a fine-tune from a RunConfig, a YAML path or a dict; returns a TrainResult(run_dir, summary).
+
+    `on_eval(step, eval_loss)` is called after each periodic evaluation; raising from it stops the run (pruning)."""
     from tunelab.train.loop import train as _train
 
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
-    return _train(cfg, resume=resume, quiet=quiet)
+    return _train(cfg, resume=resume, quiet=quiet, on_eval=on_eval)
 
 
 def load_for_inference(target):

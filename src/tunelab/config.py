@@ -196,7 +196,22 @@ class EarlyStopping(Section):
 class TrainingConfig(Section):
     epochs: float = Field(default=3, gt=0, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
-    batch_size: int = Field(default=8, ge=1, description="Examples per micro-batch.")
+    batch_size: int = Field(default=8, ge=1, description="Examples per batch (see max_tokens_per_batch for token budgets).")
+    max_tokens_per_batch: int | None = Field(
+        default=None, ge=1,
+        description="Token-budget batches instead of batch_size: as many examples of similar length as fit in this many "
+        "padded tokens (short rows share a batch, long rows get their own).",
+    )
+    micro_batch_tokens: int | Literal["auto"] | None = Field(
+        default="auto",
+        description="Split each batch into micro-batches of at most this many padded tokens: the same gradients with "
+        "less memory. auto = 1024 on a CPU (larger gives no speed there), from free memory on a GPU; null = never split.",
+    )
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        default="auto",
+        description="Recompute activations in the backward pass (~1.3x the compute, far less memory). auto = only "
+        "when one micro-batch's estimated activations would not fit in free memory.",
+    )
     gradient_accumulation: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
     group_by_length: bool = Field(default=True, description="Batch examples of similar length together (less padding).")
     learning_rate: float = Field(default=2.0e-4, gt=0, description="Peak learning rate.")
@@ -221,10 +236,141 @@ class TrainingConfig(Section):
         default=None, description="Stop when eval loss stops improving; the best weights are kept."
     )
 
+    @field_validator("micro_batch_tokens")
+    @classmethod
+    def _positive_tokens(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be a positive number of tokens, 'auto' or null")
+        return value
+
 
 class OutputConfig(Section):
     dir: str = Field(default="runs/run", description="Run directory: config, metrics, checkpoints, final model.")
     overwrite: bool = Field(default=False, description="Replace an existing run directory instead of refusing.")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Hyperparameter search (`tunelab tune`) and experiment tracking
+
+TUNE_METRICS = ("final_eval_loss", "best_eval_loss", "eval_perplexity", "final_train_loss", "tokens_per_s", "wall_time_s")
+EVAL_LOSS_METRICS = ("final_eval_loss", "best_eval_loss", "eval_perplexity")  # the ones the periodic eval can prune on
+NOT_SEARCHABLE = ("search", "tune", "tracking", "output", "resume")
+
+
+class SearchParam(Section):
+    """One dimension of the search space, keyed in `search:` by its config path (e.g. training.learning_rate)."""
+
+    type: Literal["loguniform", "uniform", "float", "int", "categorical"] = Field(
+        description="loguniform / uniform (= float) / int ranges take low and high; categorical takes choices."
+    )
+    low: int | float | None = Field(default=None, description="Smallest value of a range (inclusive).")
+    high: int | float | None = Field(default=None, description="Largest value of a range (inclusive).")
+    step: int | float | None = Field(default=None, gt=0, description="Spacing of a float or int range (not with log).")
+    log: bool = Field(default=False, description="Sample a float or int range on a log scale.")
+    choices: list[Any] | None = Field(default=None, description="The values of a categorical parameter.")
+    grid: list[Any] | None = Field(default=None, description="The values --sampler grid tries for a range (required for floats).")
+
+    @model_validator(mode="after")
+    def _shape(self) -> SearchParam:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical needs a non-empty choices list (e.g. choices: [8, 16])")
+            if any(v is not None for v in (self.low, self.high, self.step, self.grid)):
+                raise ValueError("a categorical parameter takes only choices (low, high, step and grid are for ranges)")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"choices go with type: categorical; a {self.type} range takes low and high")
+        if self.low is None or self.high is None:
+            raise ValueError(f"a {self.type} range needs both low and high")
+        if not self.low < self.high:
+            raise ValueError(f"empty range: low ({self.low:g}) must be below high ({self.high:g})")
+        if self.is_log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0 (got {self.low:g})")
+        if self.is_log and self.step is not None:
+            raise ValueError("step and a log scale cannot be combined; drop one")
+        if self.type == "int" and any(v is not None and float(v) != int(v) for v in (self.low, self.high, self.step)):
+            raise ValueError("an int range needs whole numbers for low, high and step")
+        if self.grid is not None:
+            if not self.grid:
+                raise ValueError("grid: an empty list; give the values to try, or remove it")
+            outside = [v for v in self.grid if not isinstance(v, (int, float)) or not self.low <= v <= self.high]
+            if outside:
+                raise ValueError(f"grid value {outside[0]!r} is outside [low, high] = [{self.low:g}, {self.high:g}]")
+        return self
+
+    @property
+    def is_log(self) -> bool:
+        return self.type == "loguniform" or self.log
+
+    def probe_values(self) -> list[Any]:
+        """Values that must all be valid for the field: every listed value, or the ends and middle of a range."""
+        if self.choices is not None:
+            return list(self.choices)
+        low, high = self.low, self.high
+        mid = (low * high) ** 0.5 if self.is_log else (low + high) / 2
+        if self.type == "int":
+            return [int(low), int(high), round(mid)] + list(self.grid or [])
+        return [float(low), float(high), float(mid)] + list(self.grid or [])
+
+
+class TuneConfig(Section):
+    metric: Literal[TUNE_METRICS] = Field(  # type: ignore[valid-type]
+        default="final_eval_loss", description="summary.json value to optimize (final_eval_loss = best weights with early stopping)."
+    )
+    direction: Literal["minimize", "maximize"] | None = Field(
+        default=None, description="minimize or maximize the metric (default: maximize tokens_per_s, minimize the rest)."
+    )
+    trials: int = Field(default=20, ge=0, description="Trials this process runs (each worker on a shared study runs its own).")
+    sampler: Literal["tpe", "random", "grid"] = Field(default="tpe", description="How the next trial's parameters are chosen.")
+    startup_trials: int = Field(
+        default=4, ge=0, description="Random trials before TPE models the space; complete trials before the pruner prunes."
+    )
+    pruner: Literal["median", "hyperband", "none"] = Field(
+        default="median", description="Stop trials whose periodic eval loss is worse than the others' at the same step."
+    )
+    warmup_steps: int = Field(default=0, ge=0, description="No pruning before this optimizer step.")
+    seed: int | None = Field(default=None, description="Sampler seed (default: training.seed); trial n draws with (seed, n).")
+    storage: str | None = Field(default=None, description="Optuna RDB URL shared by workers (default sqlite:///<output.dir>/study.db).")
+    study: str | None = Field(default=None, description="Study name in the storage (default: the name of output.dir).")
+    heartbeat_interval: int = Field(
+        default=30, ge=1, description="Seconds between a worker's heartbeats; a trial silent for twice that is marked failed."
+    )
+    retry_failed: int = Field(default=1, ge=0, description="How often a failed (killed) trial is queued again with its parameters.")
+
+    @model_validator(mode="after")
+    def _prunable(self) -> TuneConfig:
+        if self.pruner != "none" and self.metric not in EVAL_LOSS_METRICS:
+            raise ValueError(f"pruner: {self.pruner} reads the periodic eval loss, which says nothing about metric "
+                             f"{self.metric}; set pruner: none")
+        return self
+
+    @property
+    def goal(self) -> str:
+        return self.direction or ("maximize" if self.metric == "tokens_per_s" else "minimize")
+
+
+class MlflowConfig(Section):
+    tracking_uri: str | None = Field(
+        default=None, description="Any MLflow tracking URI (default sqlite:///<output.dir>/mlflow.db, artifacts beside it)."
+    )
+    experiment: str = Field(default="tunelab", description="MLflow experiment the run is logged under.")
+    run_name: str | None = Field(default=None, description="Run name (default: the name of output.dir).")
+
+
+class WandbConfig(Section):
+    project: str = Field(default="tunelab", description="W&B project.")
+    mode: Literal["offline", "online"] = Field(default="offline", description="offline writes <output.dir>/wandb for `wandb sync`.")
+    entity: str | None = Field(default=None, description="W&B entity (team or user); online mode only.")
+
+
+class TrackingConfig(Section):
+    mlflow: MlflowConfig | None = Field(default=None, description="Log params, metrics and artifacts to MLflow (true for defaults).")
+    wandb: WandbConfig | None = Field(default=None, description="Log to Weights & Biases, offline by default (true for defaults).")
+
+    @field_validator("mlflow", "wandb", mode="before")
+    @classmethod
+    def _flag(cls, v: Any) -> Any:
+        return _section_flag(v)
 
 
 class RunConfig(Section):
@@ -234,6 +380,11 @@ class RunConfig(Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     resume: bool | Literal["auto"] = Field(default=False, description="'auto'/true: continue from the newest checkpoint.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow / W&B besides TensorBoard.")
+    search: dict[str, SearchParam] = Field(
+        default_factory=dict, description="`tunelab tune`: the search space, keyed by config path (e.g. training.learning_rate)."
+    )
+    tune: TuneConfig | None = Field(default=None, description="`tunelab tune`: objective, sampler, pruner, storage.")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -270,12 +421,17 @@ def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
 def _fields_at(path: tuple[str, ...], data: dict) -> list[str]:
     """Valid key names at `path` of the config, used to suggest a fix for an unknown key."""
     model: Any = RunConfig
+    keyed = False  # inside `search:`, whose keys are config paths, not fields
     for part in path:
+        if keyed:
+            keyed = False
+            continue
         if model is None:
             return []
         field = model.model_fields.get(part)
         if field is None:
             return []
+        keyed = getattr(field.annotation, "__origin__", None) is dict
         model = _section_type(field.annotation, data, path[: path.index(part) + 1])
     return list(model.model_fields) if model is not None else []
 
@@ -388,10 +544,62 @@ def config_from_dict(data: dict, source: str = "config", lines: dict | None = No
     if isinstance(data.get("method"), dict) and "name" not in data["method"]:
         data["method"]["name"] = "lora"  # the default method, so `method: {r: 8}` means LoRA with r=8
     try:
-        return RunConfig.model_validate(data)
+        cfg = RunConfig.model_validate(data)
     except ValidationError as err:
         overridden = {tuple(path) for path, _ in parse_overrides(overrides)}
         raise TunelabError(format_validation_error(err, source, data, lines or {}, overridden)) from None
+    if cfg.search:
+        check_search_space(cfg, data, source, lines or {})
+    return cfg
+
+
+def set_path(data: dict, path: str, value: Any) -> dict:
+    """Set a dotted config path (`training.learning_rate`) in a nested dict, creating sections on the way."""
+    node = data
+    *parents, leaf = path.split(".")
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[leaf] = value
+    return data
+
+
+def check_search_space(cfg: RunConfig, data: dict, source: str, lines: dict) -> None:
+    """Each `search:` key must be a searchable config field that accepts every value the search can give it.
+
+    Raises:
+        TunelabError: `run.yaml:12: search.<path>: ...` for an unknown path (with the closest valid one), a section
+            or an unsearchable key, a value the field rejects, or a float range that --sampler grid cannot enumerate.
+    """
+    base = {k: v for k, v in data.items() if k not in ("search", "tune")}
+    grid = cfg.tune is not None and cfg.tune.sampler == "grid"
+    for path, param in cfg.search.items():
+        line = lines.get(("search", path))
+        prefix = f"{source}:{line}: search.{path}: " if line else f"{source}: search.{path}: "
+        parts = tuple(path.split("."))
+        if parts[0] in NOT_SEARCHABLE:
+            raise TunelabError(f"{prefix}{parts[0]} cannot be searched; search keys of model, data, method or training")
+        for i, part in enumerate(parts):
+            valid = _fields_at(parts[:i], data)
+            if part not in valid:
+                close = difflib.get_close_matches(part, valid, n=1, cutoff=0.5)
+                where = ".".join(parts[:i]) or "the top level"
+                hint = (f"did you mean '{'.'.join(parts[:i] + (close[0],))}'?" if close
+                        else f"valid keys under {where}: {', '.join(valid)}" if valid else f"{where} has no keys below it")
+                raise TunelabError(f"{prefix}unknown config path; {hint}")
+        inner = _fields_at(parts, data)
+        if inner:
+            raise TunelabError(f"{prefix}a whole section; search one of its keys (e.g. {path}.{inner[0]})")
+        if grid and param.type != "categorical" and param.grid is None and (param.type != "int" or param.is_log):
+            raise TunelabError(f"{prefix}--sampler grid needs the values to try for a {param.type} range; "
+                               "add grid: [...] or use type: categorical (or another sampler)")
+        for value in param.probe_values():
+            try:
+                config_from_dict(set_path(copy.deepcopy(base), path, value), "trial")
+            except TunelabError as exc:
+                problem = str(exc).removeprefix("trial: ")
+                raise TunelabError(f"{prefix}the value {value!r} is rejected: {problem}") from None
 
 
 def read_yaml(path: Path, what: str, missing: str) -> tuple[Any, str]:

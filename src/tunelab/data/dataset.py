@@ -212,6 +212,38 @@ def length_grouped_batches(order: list[int], lengths: list[int], batch_size: int
     return batches
 
 
+def budget_chunks(order: list[int], sizes: Sequence[int], budget: int, most: int | None = None) -> list[list[int]]:
+    """Cut `order` (indices, longest first) into consecutive chunks whose length x the size of their first (widest)
+    element stays within `budget` tokens, and at most `most` elements."""
+    chunks: list[list[int]] = []
+    for k in order:
+        if chunks and (most is None or len(chunks[-1]) < most) and (len(chunks[-1]) + 1) * sizes[chunks[-1][0]] <= budget:
+            chunks[-1].append(k)
+        else:
+            chunks.append([k])
+    return chunks
+
+
+def token_budget_batches(lengths: list[int], budget: int, seed: int, epoch: int) -> list[list[int]]:
+    """Batches holding as many examples of similar length as fit in `budget` padded tokens (`max_tokens_per_batch`).
+
+    Examples are sorted by length once and cut into batches, so every epoch has the same batches (and the same number
+    of steps, which the learning-rate schedule needs up front); their order is shuffled per (seed, epoch).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches = budget_chunks(order, lengths, budget)
+    random.Random(seed * 1_000_003 + epoch + 7).shuffle(batches)
+    return batches
+
+
+def micro_batches(batch: list[int], lengths: list[int], budget: int | None) -> list[list[int]]:
+    """Split one batch into micro-batches of at most `budget` padded tokens (longest first; one example at least).
+    The loop normalises the loss by the trained tokens of the whole step, so the gradients are those of the batch."""
+    if budget is None or len(batch) * max(lengths[i] for i in batch) <= budget:
+        return [batch]
+    return budget_chunks(sorted(batch, key=lambda i: (-lengths[i], i)), lengths, budget)
+
+
 def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example; padding gets attention 0 and label IGNORE.
 

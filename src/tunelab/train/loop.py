@@ -10,13 +10,13 @@ checkpoint stores every RNG state and the loop position, so a resumed run repeat
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +32,9 @@ from tunelab.data.dataset import (
     copy_prepared,
     epoch_order,
     length_grouped_batches,
+    micro_batches,
     prepare_data,
+    token_budget_batches,
 )
 from tunelab.data.tokenize import IGNORE, Encoded
 from tunelab.errors import TunelabError
@@ -47,9 +49,12 @@ from tunelab.train.checkpoint import (
     trainable_state,
 )
 from tunelab.train.loss import causal_lm_loss
+from tunelab.train.memory import plan_memory, return_freed_memory
+from tunelab.train.precision import autocast, pick_device, pick_precision, share_input_casts, store_frozen_in
 from tunelab.train.progress import TrainProgress
 from tunelab.train.run_dir import MetricsLog, plot_loss, write_json_atomic
 from tunelab.train.schedule import build_scheduler
+from tunelab.train.tracking import open_trackers
 
 
 def _round(x: float | None) -> float | None:
@@ -60,73 +65,6 @@ def _round(x: float | None) -> float | None:
 class TrainResult:
     run_dir: Path
     summary: dict
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Devices and precision
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TunelabError("training.device: cuda requested but no CUDA GPU is visible; use device: auto or cpu")
-    return torch.device(name)
-
-
-def cpu_supports_bf16() -> bool:
-    """True on CPUs with native bf16 matmul (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def pick_precision(name: str, device: torch.device, cpu_bf16: bool | None = None) -> torch.dtype | None:
-    """The autocast dtype for the forward pass, or None for plain fp32. Master weights stay fp32 either way."""
-    if name == "fp32":
-        return None
-    if device.type == "cuda":
-        bf16_ok = torch.cuda.is_bf16_supported()
-    elif device.type == "cpu":
-        bf16_ok = cpu_supports_bf16() if cpu_bf16 is None else cpu_bf16
-    else:
-        bf16_ok = False
-    if name == "auto":
-        return torch.bfloat16 if bf16_ok else None
-    if name == "bf16":
-        if not bf16_ok:
-            raise TunelabError(f"training.precision: bf16 is not supported on this {device.type}; use precision: auto or fp32")
-        return torch.bfloat16
-    if device.type != "cuda":
-        raise TunelabError("training.precision: fp16 needs a CUDA GPU; use precision: auto")
-    return torch.float16
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def store_frozen_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Keep frozen linear weights in the autocast dtype, so autocast does not re-cast them every step.
-
-    Only for adapter methods, whose saved result holds no base weights: the rounding matches what autocast applies
-    to every matmul anyway. Weights tied to the input embedding are left alone.
-    """
-    embedding = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and module.weight is not embedding:
-            module.weight.data = module.weight.data.to(dtype)
-            if module.bias is not None and not module.bias.requires_grad:
-                module.bias.data = module.bias.data.to(dtype)
 
 
 def seed_everything(seed: int) -> None:
@@ -194,12 +132,29 @@ def _optimizer(model, cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), **fused)
 
 
+def epoch_batches(n: int, lengths: list[int], cfg, epoch: int) -> list[list[int]]:
+    """The batches (example indices) of one epoch, in training order."""
+    if cfg.max_tokens_per_batch:
+        return token_budget_batches(lengths, cfg.max_tokens_per_batch, cfg.seed, epoch)
+    order = epoch_order(n, cfg.seed, epoch)
+    if cfg.group_by_length:
+        return length_grouped_batches(order, lengths, cfg.batch_size, cfg.seed, epoch)
+    return batches_of(order, cfg.batch_size)
+
+
 def plan_steps(data: PreparedData, cfg) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps)."""
-    n_batches = math.ceil(len(data.train) / cfg.batch_size)
+    if cfg.max_tokens_per_batch:
+        n_batches = len(token_budget_batches(train_lengths(data), cfg.max_tokens_per_batch, cfg.seed, 0))
+    else:
+        n_batches = math.ceil(len(data.train) / cfg.batch_size)
     per_epoch = math.ceil(n_batches / cfg.gradient_accumulation)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
     return per_epoch, total
+
+
+def train_lengths(data: PreparedData) -> list[int]:
+    return data.train.lengths() if hasattr(data.train, "lengths") else [len(e.input_ids) for e in data.train]
 
 
 def save_model(model, tokenizer, out: Path) -> None:
@@ -217,18 +172,24 @@ def save_model(model, tokenizer, out: Path) -> None:
 # The run
 
 
-def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False) -> TrainResult:
+def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
+          on_eval: Callable[[int, float], None] | None = None) -> TrainResult:
     """Fine-tune `cfg.model` on `cfg.data` with `cfg.method`; write the run directory; return its summary.
 
+    `on_eval(step, eval_loss)` is called after each in-training evaluation but the last (tune's pruner); an exception
+    it raises stops the run, leaving metrics.jsonl and no summary.json.
+
     Raises:
-        TunelabError: bad data row, unknown model, impossible method/model pair, existing run directory.
+        TunelabError: bad data row, unknown model, impossible method/model pair, existing run directory, tracking.
     """
     t = cfg.training
     resume = cfg.resume if resume is None else resume
     seed_everything(t.seed)
+    return_freed_memory()
 
     # 1. Everything a user can get wrong, checked before anything is written.
     source: ModelSource = resolve_model(cfg.model)
+    trackers = open_trackers(cfg)  # MLflow / W&B: a missing library or unusable tracking URI fails here
     tokenizer = load_tokenizer(source)
     data = prepare_data(cfg.data, tokenizer, t.seed, base=source)
     device = pick_device(t.device)
@@ -241,6 +202,13 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
     model = attach_method(model, cfg.method).to(device)
     if dtype is not None and hasattr(model, "peft_config"):
         store_frozen_in(model, dtype)
+    if dtype is not None:
+        share_input_casts(model, dtype)
+    lengths = train_lengths(data)
+    micro_tokens, checkpointing, memory_plan = plan_memory(
+        t.micro_batch_tokens, t.gradient_checkpointing, model.config, dtype, device, max(lengths, default=1))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
 
     # 2. Optimizer, schedule, plan.
@@ -250,7 +218,6 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
     scheduler = build_scheduler(optimizer, total_steps, warmup, t.schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # loss scaling for fp16 only
     pad_id = tokenizer.pad_token_id
-    lengths = data.train.lengths() if hasattr(data.train, "lengths") else [len(e.input_ids) for e in data.train]
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -260,7 +227,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
     best: dict | None = None
     if checkpoint is not None:
         state, best = load_checkpoint(checkpoint, model, optimizer, scheduler)
-    log = MetricsLog(run_dir, resume_step=state["step"] if checkpoint is not None else None)
+    log = MetricsLog(run_dir, resume_step=state["step"] if checkpoint is not None else None, trackers=trackers)
     trainable, total_params = count_parameters(model)
     progress = TrainProgress(total_steps, quiet=quiet)
     progress.header(
@@ -268,7 +235,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
         f"{data.train_examples} train"
         + (f" (packed into {len(data.train)} rows)" if cfg.data.packing else "")
         + f" / {len(data.validation)} eval examples | {total_steps} steps | "
-        f"{device.type} {precision}"
+        f"{device.type} {precision} | {memory_plan}"
         + (f" | resumed at step {state['step']}" if checkpoint is not None else "")
     )
     progress.note(f"data: {'cache hit' if data.cache_hit else 'prepared'} in {data.seconds:.1f} s -> {run_dir / 'data'}")
@@ -295,15 +262,12 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
     # 3. Fit.
     with progress:
         while not stop:
-            order = epoch_order(len(data.train), t.seed, state["epoch"])
-            if t.group_by_length:
-                micro = length_grouped_batches(order, lengths, t.batch_size, t.seed, state["epoch"])
-            else:
-                micro = batches_of(order, t.batch_size)
-            steps = [micro[i : i + t.gradient_accumulation] for i in range(0, len(micro), t.gradient_accumulation)]
+            batches_now = epoch_batches(len(data.train), lengths, t, state["epoch"])
+            steps = [batches_now[i : i + t.gradient_accumulation] for i in range(0, len(batches_now), t.gradient_accumulation)]
             for step_batches in steps[state["step_in_epoch"] :]:
                 tick = time.perf_counter()
-                batches = [collate([data.train[i] for i in b], pad_id) for b in step_batches]
+                batches = [collate([data.train[i] for i in mb], pad_id)
+                           for b in step_batches for mb in micro_batches(b, lengths, micro_tokens)]
                 n_trained = max(1, sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches))
                 loss_sum, tokens = 0.0, 0
                 for batch in batches:
@@ -352,6 +316,8 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
                 if state["step"] % t.log_every == 0 or "eval_loss" in record or done:
                     log.log(record)
                 progress.update(state["step"], record)
+                if on_eval is not None and "eval_loss" in record and not done:
+                    on_eval(state["step"], eval_loss)
                 if end_of_epoch:
                     state["epoch"] += 1
                     state["step_in_epoch"] = 0
@@ -402,9 +368,12 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False)
         "best_eval_loss": _round(state["best_eval"]),
         "precision": precision,
         "device": device.type,
+        "micro_batch_tokens": micro_tokens,
+        "gradient_checkpointing": checkpointing,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
     }
     write_json_atomic(run_dir / "summary.json", summary)
+    trackers.finish(run_dir)
     progress.footer(summary, run_dir)
     return TrainResult(run_dir, summary)

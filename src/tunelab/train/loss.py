@@ -1,8 +1,10 @@
-"""The causal-LM loss, computed only where labels are trained.
+"""The causal-LM loss, computed only where labels are trained, without ever holding the whole logits tensor.
 
-The LM head runs on the hidden states of trained positions only, so prompt tokens and padding produce no logits
-(for a 49k vocabulary that is most of the memory of a naive forward). Returns the summed loss and the token count so
-gradient accumulation can normalise by the tokens of the whole optimizer step.
+The LM head runs on the hidden states of trained positions only, so prompt tokens and padding produce no logits, and
+it runs chunk by chunk inside one autograd function that also computes the chunk's gradients (Liger's fused linear
+cross-entropy, in plain PyTorch): a `trained tokens x vocabulary` tensor never exists, in the forward or the backward
+(for a 49k vocabulary and 2k trained tokens that is 400 MB in fp32, more than the rest of a LoRA step's activations).
+Returns the summed loss and the token count so gradient accumulation can normalise by the tokens of the whole step.
 """
 
 from __future__ import annotations
@@ -33,9 +35,78 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     # (Only without a KV cache: with one, transformers does not look for packed sequences.)
     positions = "position_ids" if "position_ids" in batch else "attention_mask"
     inputs = {"input_ids": batch["input_ids"], positions: batch[positions], "use_cache": False}
-    selected = logits_where(model, inputs, keep, shift=True)
-    loss = F.cross_entropy(selected.float(), labels[keep], reduction="sum")
-    return loss, n
+    decoder, head, softcap = _backbone_and_head(model)
+    if decoder is None or not _plain_linear(head):
+        selected = logits_where(model, inputs, keep, shift=True)
+        return F.cross_entropy(selected.float(), labels[keep], reduction="sum"), n
+    hidden = decoder(**inputs).last_hidden_state[:, :-1][keep]
+    return linear_cross_entropy(hidden, head.weight, labels[keep], softcap), n
+
+
+def _plain_linear(module) -> bool:
+    return type(module) is torch.nn.Linear and module.bias is None
+
+
+def _compute_dtype(device_type: str, fallback: torch.dtype) -> torch.dtype:
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return fallback
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T, target_i), chunk by chunk; gradients are computed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, softcap, chunk_rows):
+        dtype = _compute_dtype(hidden.device.type, hidden.dtype)  # the matmul precision autocast would use
+        w = weight.to(dtype)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.weight_dtype = weight.dtype
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[start : start + chunk_rows].to(dtype)
+            t = targets[start : start + chunk_rows]
+            logits = (h @ w.T).float()
+            if softcap:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if not (want_h or want_w):
+                continue
+            d_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            d_logits[torch.arange(t.shape[0], device=t.device), t] -= 1
+            if softcap:
+                d_logits *= 1 - capped * capped
+            d_logits = d_logits.to(dtype)
+            if want_h:
+                grad_h[start : start + chunk_rows] = d_logits @ w
+            if want_w:
+                grad_w += (d_logits.T @ h).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return (
+            grad_h * grad_out if grad_h is not None else None,
+            (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None,
+            None,
+            None,
+            None,
+        )
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None = None,
+                         chunk_elements: int = 1 << 24) -> torch.Tensor:
+    """Summed cross-entropy of `hidden @ weight.T` against `targets`, never materializing more than ~`chunk_elements`
+    logits at once. Equal to `F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")` (with
+    gradients for `hidden` and, when it requires them, `weight`), in the autocast precision when autocast is on."""
+    chunk_rows = max(1, chunk_elements // weight.shape[0])
+    return _LinearCrossEntropy.apply(hidden, weight, targets, softcap, chunk_rows)
 
 
 def logits_where(model, inputs: dict, keep: torch.Tensor, shift: bool = False) -> torch.Tensor:

@@ -8,9 +8,12 @@ from pathlib import Path
 
 
 class MetricsLog:
-    """Append-only metrics.jsonl plus TensorBoard scalars. On resume, lines past the checkpoint are dropped."""
+    """Append-only metrics.jsonl plus TensorBoard scalars. On resume, lines past the checkpoint are dropped.
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None) -> None:
+    `trackers` (train/tracking.py: MLflow, W&B) are started here and get every record too.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None, trackers=None) -> None:
         self.path = run_dir / "metrics.jsonl"
         if resume_step is None:
             self.path.write_text("")
@@ -25,6 +28,9 @@ class MetricsLog:
             self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
         except ImportError:  # tensorboard is optional at run time
             pass
+        self._trackers = trackers
+        if trackers:
+            trackers.start(run_dir, resumed=resume_step is not None)
 
     def _lines(self) -> list[dict]:
         if not self.path.is_file():
@@ -38,6 +44,8 @@ class MetricsLog:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(key.replace("_", "/", 1) if key.startswith(("train_", "eval_")) else key, value, record["step"])
+        if self._trackers:
+            self._trackers.log(record)
 
     def records(self) -> list[dict]:
         return self._lines()

@@ -1,0 +1,139 @@
+"""Where and in which precision a step runs: device choice, bf16/fp16 autocast, frozen weights kept in the autocast dtype.
+
+Master weights of trained parameters stay fp32; autocast runs the matmuls in bf16 (CPUs with AVX512-BF16/AMX, CUDA) or
+fp16 (CUDA, with a GradScaler in the loop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from tunelab.errors import TunelabError
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TunelabError("training.device: cuda requested but no CUDA GPU is visible; use device: auto or cpu")
+    return torch.device(name)
+
+
+def cpu_supports_bf16() -> bool:
+    """True on CPUs with native bf16 matmul (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_precision(name: str, device: torch.device, cpu_bf16: bool | None = None) -> torch.dtype | None:
+    """The autocast dtype for the forward pass, or None for plain fp32. Master weights stay fp32 either way."""
+    if name == "fp32":
+        return None
+    if device.type == "cuda":
+        bf16_ok = torch.cuda.is_bf16_supported()
+    elif device.type == "cpu":
+        bf16_ok = cpu_supports_bf16() if cpu_bf16 is None else cpu_bf16
+    else:
+        bf16_ok = False
+    if name == "auto":
+        return torch.bfloat16 if bf16_ok else None
+    if name == "bf16":
+        if not bf16_ok:
+            raise TunelabError(f"training.precision: bf16 is not supported on this {device.type}; use precision: auto or fp32")
+        return torch.bfloat16
+    if device.type != "cuda":
+        raise TunelabError("training.precision: fp16 needs a CUDA GPU; use precision: auto")
+    return torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def store_frozen_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Keep frozen linear weights in the autocast dtype, so autocast does not re-cast them every step.
+
+    Only for adapter methods, whose saved result holds no base weights: the rounding matches what autocast applies
+    to every matmul anyway. Weights tied to the input embedding are left alone.
+    """
+    embedding = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+    converted: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and module.weight is not embedding:
+            module.weight.data = module.weight.data.to(dtype)
+            converted.add(id(module.weight))
+            if module.bias is not None and not module.bias.requires_grad:
+                module.bias.data = module.bias.data.to(dtype)
+                converted.add(id(module.bias))
+    # The weights were read from a memory-mapped safetensors file; what still points into it (the embedding, norms) is
+    # copied out, so the mapping (and the whole fp32 file in resident memory: 540 MB for SmolLM2-135M) is released.
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in converted:
+            tensor.data = tensor.data.clone()
+
+
+class _CastOnce(torch.autograd.Function):
+    """`x.to(dtype)` whose value is computed once and shared, and whose gradient returns to `x` in x's dtype.
+
+    Each reader gets its own node, so the readers' gradients are summed at `x` in fp32, as with autocast's own casts
+    (summing them in bf16 would lose precision); the forward value is one tensor, stored once however many read it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cast):
+        ctx.dtype = x.dtype
+        return cast.view_as(cast)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype), None
+
+
+class _SharedCast:
+    """Casts a linear layer's input to the autocast dtype once for all the layers that read it.
+
+    Under autocast every matmul casts its fp32 input itself, and autograd keeps each cast for the backward pass: the
+    normalized hidden state read by q, k and v (and by each of their LoRA adapters) is stored six times. Casting it once,
+    before the layers see it, computes the same values and stores them once (a third of a LoRA step's activations for a
+    Llama-style model). The cast hangs on the input tensor itself, so it lives exactly as long as its source.
+    """
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def __call__(self, module, args):
+        if not args or not isinstance(args[0], torch.Tensor):
+            return None
+        x = args[0]
+        if x.dtype == self.dtype or not x.is_floating_point() or not torch.is_autocast_enabled(x.device.type):
+            return None
+        cast = getattr(x, "_tunelab_cast", None)
+        if cast is None or cast.dtype != self.dtype or getattr(x, "_tunelab_cast_version", None) != x._version:
+            cast = x.detach().to(self.dtype)
+            x._tunelab_cast, x._tunelab_cast_version = cast, x._version
+        return (_CastOnce.apply(x, cast) if x.requires_grad else cast, *args[1:])
+
+
+def share_input_casts(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Install `_SharedCast` on every linear layer of `model`, the base layers and adapters inside PEFT layers included
+    (each reader its own gradient node, so gradients meet in fp32)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    shared = _SharedCast(dtype)
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False  # PEFT would copy a bf16 input to the fp32 adapter dtype and back
+        elif isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(shared)

@@ -1,0 +1,195 @@
+"""The fast paths of a training step give the same numbers as the plain ones: chunked linear cross-entropy, shared
+autocast input casts, micro-batches, token-budget batches, gradient checkpointing; and the memory plan behind them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import alpaca_rows, build_tiny_model, run_config, write_jsonl
+
+from tunelab import load_config, train
+from tunelab.config import LoraMethod
+from tunelab.data.dataset import collate, micro_batches, token_budget_batches
+from tunelab.methods import attach_method
+from tunelab.train.loss import causal_lm_loss, linear_cross_entropy
+from tunelab.train.memory import CPU_MICRO_BATCH_TOKENS, activation_bytes_per_token, plan_memory
+from tunelab.train.precision import share_input_casts, store_frozen_in
+
+
+def naive_loss(hidden, weight, targets, softcap=None):
+    logits = F.linear(hidden, weight)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("chunk_elements", [1, 7 * 500, 1 << 24])  # one row per chunk, 7 rows, everything at once
+def test_linear_cross_entropy_equals_the_naive_loss_and_gradients(softcap, chunk_elements):
+    torch.manual_seed(0)
+    hidden = torch.randn(60, 32, requires_grad=True)
+    weight = torch.randn(500, 32, requires_grad=True)
+    targets = torch.randint(0, 500, (60,))
+    ref = naive_loss(hidden, weight, targets, softcap)
+    ref.backward()
+    ref_h, ref_w = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    loss = linear_cross_entropy(hidden, weight, targets, softcap, chunk_elements=chunk_elements)
+    (3 * loss).backward()  # a scaled upstream gradient reaches both inputs
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-6)
+    torch.testing.assert_close(hidden.grad / 3, ref_h, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(weight.grad / 3, ref_w, rtol=1e-4, atol=1e-5)  # summed chunk by chunk
+
+
+def test_linear_cross_entropy_never_keeps_a_rows_x_vocab_tensor():
+    hidden = torch.randn(64, 16, requires_grad=True)
+    weight = torch.randn(4000, 16)  # frozen head: no weight gradient is computed or kept
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loss = linear_cross_entropy(hidden, weight, torch.randint(0, 4000, (64,)), chunk_elements=8 * 4000)
+    loss.backward()
+    assert max(saved) <= 64 * 16  # only the hidden-state gradient, never 64 x 4000 logits
+    assert weight.grad is None and hidden.grad.shape == hidden.shape
+
+
+def test_linear_cross_entropy_under_bf16_autocast_matches_autocast_reference():
+    torch.manual_seed(0)
+    hidden = torch.randn(40, 32, requires_grad=True)
+    weight = torch.randn(300, 32)
+    targets = torch.randint(0, 300, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = naive_loss(hidden, weight, targets)
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_elements=300 * 9)
+    ref.backward()
+    ref_h, hidden.grad = hidden.grad.clone(), None
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-3)
+    torch.testing.assert_close(hidden.grad, ref_h, rtol=2e-2, atol=2e-2)
+
+
+def _lora_model(vocab: int, seed: int = 0):
+    model = build_tiny_model(vocab, seed=seed)
+    torch.manual_seed(seed)
+    model = attach_method(model, LoraMethod(name="lora", r=4, alpha=8, dropout=0.0))
+    # Non-zero B matrices, so the adapters take part in the gradients compared below.
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def _step(model, batch) -> tuple[float, dict[str, torch.Tensor], int]:
+    """(loss, gradients of trained parameters, distinct bf16 activation storages autograd kept)."""
+    storages: set[int] = set()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if t.dtype == torch.bfloat16 and ptr not in params:
+            storages.add(ptr)
+        return t
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = causal_lm_loss(model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return float(loss.detach()), grads, len(storages)
+
+
+def test_shared_input_casts_change_no_number_and_store_each_input_once(tiny_tokenizer):
+    from tunelab.data.formats import Example
+    from tunelab.data.tokenize import encode_example
+
+    rows = [Example(f"r{i}", [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": f"The {w} is here."}])
+            for i, w in enumerate(["fox", "dog", "France"])]
+    batch = collate([encode_example(r, tiny_tokenizer, 64)[0] for r in rows], tiny_tokenizer.pad_token_id)
+    plain = _lora_model(len(tiny_tokenizer))
+    store_frozen_in(plain, torch.bfloat16)
+    shared = _lora_model(len(tiny_tokenizer))
+    store_frozen_in(shared, torch.bfloat16)
+    share_input_casts(shared, torch.bfloat16)
+    loss_a, grads_a, kept_a = _step(plain, batch)
+    loss_b, grads_b, kept_b = _step(shared, batch)
+    assert loss_b == loss_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=0, atol=0)
+    # Per layer the q, k, v adapters read one normed input and the gate, up adapters another: autograd kept five bf16
+    # casts of them (plus PEFT's copy of the down adapter's input), now two. Two layers: eight fewer.
+    assert kept_b <= kept_a - 2 * 4
+
+
+def test_micro_batches_respect_the_budget_and_keep_every_example():
+    lengths = [50, 10, 30, 30, 5, 64, 12]
+    batch = [0, 1, 2, 3, 4, 5, 6]
+    parts = micro_batches(batch, lengths, 100)
+    assert sorted(i for p in parts for i in p) == batch
+    assert all(len(p) == 1 or len(p) * max(lengths[i] for i in p) <= 100 for p in parts)
+    assert micro_batches(batch, lengths, None) == [batch] and micro_batches(batch, lengths, 10_000) == [batch]
+    assert micro_batches([5], lengths, 8) == [[5]]  # a row longer than the budget still gets its micro-batch
+
+
+def test_token_budget_batches_are_fixed_per_run_and_shuffled_per_epoch():
+    lengths = [(i * 37) % 120 + 4 for i in range(200)]
+    e0, e1 = token_budget_batches(lengths, 256, seed=0, epoch=0), token_budget_batches(lengths, 256, seed=0, epoch=1)
+    assert sorted(i for b in e0 for i in b) == list(range(200))
+    assert all(len(b) * max(lengths[i] for i in b) <= 256 for b in e0)
+    assert sorted(map(sorted, e0)) == sorted(map(sorted, e1)) and e0 != e1
+    assert len({len(b) for b in e0}) > 3  # short rows share a batch, long rows get few companions
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [r["train_loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "train_loss" in r]
+
+
+def test_micro_batches_and_checkpointing_reproduce_the_plain_losses(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(24))
+
+    def run(name: str, **training) -> tuple[list[float], dict]:
+        cfg = run_config(tiny_model_dir, data, tmp_path / name, training={"max_steps": 4, "batch_size": 8, **training})
+        result = train(load_config(cfg), quiet=True)
+        return _losses(result.run_dir), result.summary
+
+    plain, summary = run("plain", micro_batch_tokens=None, gradient_checkpointing=False)
+    split, split_summary = run("split", micro_batch_tokens=40)
+    recomputed, ckpt_summary = run("ckpt", micro_batch_tokens=None, gradient_checkpointing=True)
+    assert summary["micro_batch_tokens"] is None and split_summary["micro_batch_tokens"] == 40
+    assert ckpt_summary["gradient_checkpointing"] is True and summary["gradient_checkpointing"] is False
+    assert split == pytest.approx(plain, rel=1e-5)
+    assert recomputed == pytest.approx(plain, rel=1e-5)
+
+
+def test_token_budget_run_plans_its_steps(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(24))
+    cfg = run_config(tiny_model_dir, data, tmp_path / "run", training={"max_steps": None, "epochs": 2, "max_tokens_per_batch": 120})
+    summary = train(load_config(cfg), quiet=True).summary
+    batches = summary["steps"] / 2
+    assert batches == int(batches) and 2 <= batches < 24  # several rows per batch, the same batches in both epochs
+
+
+def test_memory_plan():
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30)
+    per_token = activation_bytes_per_token(cfg, torch.bfloat16)
+    assert per_token == 30 * (20 * 576 + 8 * 1536) and activation_bytes_per_token(cfg, None) == 2 * per_token
+    cpu, gib = torch.device("cpu"), 1 << 30
+    assert plan_memory("auto", "auto", cfg, torch.bfloat16, cpu, 512, free=16 * gib)[:2] == (CPU_MICRO_BATCH_TOKENS, False)
+    tokens, ckpt, _ = plan_memory("auto", "auto", cfg, torch.bfloat16, cpu, 256, free=gib)  # 1 GiB: fewer tokens fit
+    assert 0 < tokens < CPU_MICRO_BATCH_TOKENS and ckpt is False
+    tokens, ckpt, reason = plan_memory("auto", "auto", cfg, torch.bfloat16, cpu, 4096, free=gib)  # one row does not fit
+    assert ckpt is True and "checkpointing" in reason
+    assert plan_memory(None, False, cfg, torch.bfloat16, cpu, 4096, free=gib)[:2] == (None, False)  # explicit wins
+    assert plan_memory(2048, True, cfg, None, cpu, 8, free=64 * gib)[:2] == (2048, True)
+
+
+def test_micro_batch_tokens_must_be_positive(tiny_model_dir, tmp_path):
+    from tunelab.errors import TunelabError
+
+    cfg = run_config(tiny_model_dir, tmp_path / "x.jsonl", tmp_path / "run", training={"micro_batch_tokens": 0})
+    with pytest.raises(TunelabError, match="micro_batch_tokens"):
+        load_config(cfg)
