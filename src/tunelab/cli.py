@@ -508,6 +508,295 @@ def _print_example(enc, tokenizer) -> None:
     out.print(text)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# tunelab tune
+
+
+@app.command(epilog="Examples: tunelab tune configs/tune-demo.yaml --trials 8 | tunelab tune run.yaml --trials 20 --sampler random "
+             "--pruner hyperband | tunelab tune run.yaml --trials 10 --storage postgresql://user:pass@db/tunelab --study lr "
+             "(the same line on each machine: the workers share the study) | optuna-dashboard sqlite:///runs/tune-demo/study.db")
+def tune(
+    config: Path = typer.Argument(..., help="Run config YAML with a search: section (see configs/tune-demo.yaml)."),
+    overrides: list[str] | None = typer.Argument(None, help="key.sub=value overrides of the config, e.g. training.max_steps=20"),
+    trials: int | None = typer.Option(None, "--trials", "-n", help="Trials this process runs (default tune.trials; 0 = report only)."),
+    sampler: str | None = typer.Option(None, help="tpe | random | grid (default tune.sampler: tpe)."),
+    pruner: str | None = typer.Option(None, help="median | hyperband | none (default tune.pruner: median)."),
+    storage: str | None = typer.Option(None, help="Optuna RDB URL shared by workers (default sqlite:///<output.dir>/study.db)."),
+    study: str | None = typer.Option(None, help="Study name in the storage (default: the name of output.dir)."),
+    seed: int | None = typer.Option(None, help="Sampler seed (default tune.seed, else training.seed); trial n draws with (seed, n)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show each trial's training progress."),
+) -> None:
+    """Search hyperparameters with Optuna: each trial is a run under output.dir; prints the trials, writes best.yaml and plots."""
+    import json
+
+    from tunelab.config import load_config
+
+    options = {"trials": trials, "sampler": sampler, "pruner": pruner, "storage": storage, "study": study, "seed": seed}
+    try:
+        cfg = load_config(config, list(overrides or []) + [f"tune.{k}={json.dumps(v)}" for k, v in options.items() if v is not None])
+        _quiet_libraries()
+        from tunelab.tune import run_study, trials_table
+
+        report = run_study(cfg, verbose=verbose, log=lambda text: err.print(escape(text), highlight=False, soft_wrap=True))
+    except TunelabError as exc:
+        _fail(exc)
+        return
+    out.print(trials_table(report))
+    if report.best is not None:
+        params = ", ".join(f"{k}={v}" for k, v in report.best_params.items())
+        out.print(f"best: trial {report.best.number}, {report.metric} {report.best.value:.6g} ({escape(params)})", highlight=False)
+    for note in report.notes:
+        out.print(f"[dim]{escape(note)}[/dim]", highlight=False)
+    out.print("wrote " + ", ".join(escape(str(p)) for p in report.files), highlight=False)
+    if report.best_yaml is not None:
+        out.print(f"next: tunelab train {escape(str(report.best_yaml))}   |   optuna-dashboard {escape(report.storage)}", highlight=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# tunelab serve | monitor | predict
+
+
+@app.command("serve", epilog="Examples: tunelab serve runs/demo | tunelab serve default --port 8080 --api-key sk-local "
+             "--rate-limit 60/min | tunelab serve runs/support --adapters legal=runs/legal --adapters hr=runs/hr --scrub-pii | "
+             "then: OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='sk-local').chat.completions.create(model='demo', ...)")
+def serve_cmd(
+    target: str = typer.Argument(..., help="A run directory, an HF model dir, a .gguf file, a hub id, or 'default'."),
+    adapters: list[str] | None = typer.Option(None, "--adapters", "-a", help="name=RUN_DIR: a LoRA run on the same base model, "
+                                              "served as model 'name' (repeatable)."),
+    name: str | None = typer.Option(None, help="TARGET's model name in the API (default: its directory or file name)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 = every interface: require an API key then)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="TUNELAB_API_KEY",
+                                       help="Accept this key as 'Authorization: Bearer KEY' (also $TUNELAB_API_KEY)."),
+    api_keys_file: Path | None = typer.Option(None, help="Accept the keys in this file, one per line."),
+    rate_limit: str | None = typer.Option(None, help="Requests per key (per address without keys), e.g. 60/min, 5/s; 429 above."),
+    max_tokens_limit: int = typer.Option(2048, help="The most tokens one request may ask for; 400 above."),
+    max_request_bytes: int = typer.Option(1_000_000, help="Largest request body in bytes; 413 above."),
+    max_batch_size: int = typer.Option(16, help="Most sequences generated together in one batch."),
+    batch_wait_ms: float = typer.Option(5.0, help="How long an idle server waits for more requests to batch with the first."),
+    log_dir: Path = typer.Option(Path("serve_logs"), help="Every request and response is appended here as JSONL."),
+    no_log: bool = typer.Option(False, "--no-log", help="Do not log requests."),
+    scrub_pii: bool = typer.Option(False, "--scrub-pii", help="Replace e-mails, phone numbers, cards, IBANs, IPs in the log."),
+    precision: str = typer.Option("fp32", help="fp32, or bf16 (faster on CPUs with native bf16)."),
+    threads: int | None = typer.Option(None, help="CPU threads for generation (default: torch's; 1 leaves a core to the HTTP side)."),
+) -> None:
+    """Serve the model (and LoRA adapters) over an OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models."""
+    try:
+        from tunelab.serve import require_serve_dependencies
+
+        require_serve_dependencies()
+        for flag, value in (("--max-tokens-limit", max_tokens_limit), ("--max-request-bytes", max_request_bytes),
+                            ("--max-batch-size", max_batch_size)):
+            if value < 1:
+                raise TunelabError(f"{flag}: must be at least 1 (got {value})")
+        if not 0 < port < 65536:
+            raise TunelabError(f"--port: a TCP port between 1 and 65535 (got {port})")
+        if batch_wait_ms < 0:
+            raise TunelabError(f"--batch-wait-ms: must be >= 0 (got {batch_wait_ms})")
+        if threads is not None and threads < 1:
+            raise TunelabError(f"--threads: must be at least 1 (got {threads})")
+        from tunelab.serve.guards import load_api_keys, parse_rate_limit
+        from tunelab.serve.models import parse_adapter_specs
+
+        keys = load_api_keys([api_key] if api_key else [], api_keys_file)
+        settings_kwargs = {"api_keys": keys, "rate_limit": parse_rate_limit(rate_limit), "max_tokens_limit": max_tokens_limit,
+                           "max_body_bytes": max_request_bytes, "max_batch_rows": max_batch_size, "batch_wait_ms": batch_wait_ms,
+                           "log_dir": None if no_log else log_dir, "scrub_pii": scrub_pii}
+        specs = parse_adapter_specs(adapters)
+        _quiet_libraries()
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        from tunelab.serve.app import ServeSettings, create_app, run_server
+        from tunelab.serve.models import ServedModels
+
+        models = ServedModels.load(target, specs, name=name, precision=precision)
+        app_ = create_app(models, ServeSettings(**settings_kwargs))
+    except TunelabError as exc:
+        _fail(exc)
+        return
+    err.print(f"serving {escape(', '.join(models.names()))} at http://{host}:{port}/v1 "
+              f"({'API key required' if keys else 'no API key'}; log: {escape(str(log_dir)) if not no_log else 'off'}"
+              f"{', PII scrubbed' if scrub_pii and not no_log else ''}); Ctrl-C stops", highlight=False)
+    if not keys and host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"[yellow]warning:[/yellow] listening on {escape(host)} without an API key: anyone who can reach it can use it",
+                  highlight=False)
+    run_server(app_, host=host, port=port)
+
+
+@app.command("monitor", epilog="Examples: tunelab monitor serve_logs --reference data/train.jsonl | tunelab monitor serve_logs "
+             "-r data/train.jsonl --last 500 --threshold 0.2 --json | tunelab monitor serve_logs --emit review.jsonl --last 200")
+def monitor_cmd(
+    logs: list[str] = typer.Argument(..., help="Request logs of tunelab serve: its --log-dir, or .jsonl files."),
+    reference: list[str] | None = typer.Option(None, "--reference", "-r", help="The training data (files or globs, any tunelab format)."),
+    format: str | None = typer.Option(None, "--format", "-f", help="Format of the reference data (default: detect)."),
+    threshold: float = typer.Option(0.3, help="Drift score (0..1) at which a signal counts as drifted."),
+    alpha: float = typer.Option(0.01, help="...and only when its p-value is below this."),
+    last: int | None = typer.Option(None, help="Only the most recent N logged requests."),
+    model: str | None = typer.Option(None, help="Only requests to this model name."),
+    min_requests: int = typer.Option(20, help="Fewer distinct logged prompts than this: no verdict."),
+    no_embeddings: bool = typer.Option(False, "--no-embeddings", help="Skip the MiniLM embedding signal (faster)."),
+    emit: Path | None = typer.Option(None, help="Write the requests with the model's replies here as a 'messages' JSONL dataset."),
+    as_json: bool = typer.Option(False, "--json", help="Print the drift report as JSON."),
+) -> None:
+    """Input drift of served requests vs the training data (length, vocabulary, embeddings); exit 1 when it says retrain."""
+    try:
+        if not reference and emit is None:
+            raise TunelabError("--reference: give the training data to compare with (or --emit FILE to only export the requests)")
+        if last is not None and last < 1:
+            raise TunelabError(f"--last: must be at least 1 (got {last})")
+        from tunelab.serve.monitor import check_drift, emit_dataset, read_request_log
+
+        notes: list[str] = []
+        requests = read_request_log(logs, model=model, last=last, notes=notes)
+        report = None
+        if reference:
+            _quiet_libraries()
+            report = check_drift(requests, reference, threshold, alpha, format, embeddings=not no_embeddings,
+                                 min_requests=min_requests, notes=notes)
+        emitted = emit_dataset(requests, emit) if emit is not None else None
+    except TunelabError as exc:
+        _fail(exc)
+        return
+    if report is not None and as_json:
+        import json
+
+        sys.stdout.write(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
+    elif report is not None:
+        _print_drift(report)
+    if emitted is not None:
+        out.print(f"wrote {emitted[0]} request(s) to {escape(str(emit))} as 'messages' rows for review"
+                  + (f" ({emitted[1]} left out: not valid training rows)" if emitted[1] else ""), highlight=False)
+    raise typer.Exit(1 if report is not None and report.verdict == "retrain" else 0)
+
+
+def _print_drift(report) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"input drift: {report.requests} distinct logged prompts vs {report.reference} training prompts")
+    for column in ("signal", "score", "p-value", "drifted", "detail"):
+        table.add_column(column, justify="right" if column in ("score", "p-value") else "left")
+    for s in report.signals:
+        detail = s.note or ", ".join(f"{k} {v}" for k, v in s.detail.items())
+        table.add_row(s.name, "-" if s.score is None else f"{s.score:.3f}", "-" if s.p_value is None else f"{s.p_value:.2g}",
+                      "[red]yes[/red]" if s.drifted else "no", escape(detail))
+    if report.signals:
+        out.print(table)
+    for note in report.notes:
+        out.print(f"[dim]{escape(note)}[/dim]", highlight=False)
+    out.print(("[red]" if report.verdict == "retrain" else "[green]") + escape(report.message)
+              + ("[/red]" if report.verdict == "retrain" else "[/green]"), highlight=False, soft_wrap=True)
+
+
+@app.command("predict", epilog="Examples: tunelab predict runs/demo --input data/test.jsonl --output preds.jsonl | tunelab "
+             "predict default -i prompts.csv -o out.jsonl --batch-size 16 --max-new-tokens 64 (re-run the same line to resume)")
+def predict_cmd(
+    target: str = typer.Argument(..., help="A run directory, an HF model dir, a .gguf file, a hub id, or 'default'."),
+    inputs: list[str] = typer.Option(..., "--input", "-i", help="Rows in any tunelab format (files or globs); the response may be missing."),
+    output: Path = typer.Option(..., "--output", "-o", help="JSONL: each input row plus 'prediction'; appended, resumed on re-run."),
+    batch_size: int = typer.Option(8, help="Rows per generation batch (and per flush to the output)."),
+    max_new_tokens: int = typer.Option(256, help="Most tokens to generate per row."),
+    temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples (seeded per batch)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling threshold (with temperature > 0)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    format: str | None = typer.Option(None, "--format", "-f", help="alpaca | prompt_response | messages | text (default: detect)."),
+    system: str | None = typer.Option(None, help="System message for rows that have none."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    threads: int | None = typer.Option(None, help="CPU threads for generation (default: torch's; 1 is faster on a busy machine)."),
+) -> None:
+    """Batch inference over a dataset with a progress bar; re-running skips the rows already in the output."""
+    try:
+        _check_sampling(max_new_tokens, temperature, top_p)
+        if threads is not None and threads < 1:
+            raise TunelabError(f"--threads: must be at least 1 (got {threads})")
+        _quiet_libraries()
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        from tunelab.serve.predict import predict as run_predict
+
+        summary = run_predict(target, list(inputs), output, batch_size, max_new_tokens, temperature, top_p, seed, format, system,
+                              quiet=quiet, log=lambda text: err.print(escape(text), highlight=False))
+    except TunelabError as exc:
+        _fail(exc)
+        return
+    out.print(f"wrote {summary.predicted} prediction(s) to {escape(str(summary.output))} in {summary.seconds:.1f} s"
+              + (f" ({summary.skipped} already there)" if summary.skipped else ""), highlight=False)
+
+
+@app.command("export", epilog="Examples: tunelab export runs/demo --to exported/demo --merge | tunelab export runs/demo --to "
+             "exported/demo --onnx --quantize int8 | tunelab export runs/demo --to exported/demo --merge --gguf --prune 0.3 "
+             "--overwrite | then: AutoModelForCausalLM.from_pretrained('exported/demo/merged'), or llama.cpp -m "
+             "exported/demo/gguf/model-f16.gguf")
+def export_cmd(
+    target: str = typer.Argument(..., help="A finished run directory (adapter or full weights), or an HF model directory."),
+    to: Path = typer.Option(..., "--to", help="Output directory; must be new or empty unless --overwrite."),
+    merge: bool = typer.Option(False, "--merge", help="Plain HF model (adapter merged into the base) in DIR/merged (default)."),
+    onnx: bool = typer.Option(False, "--onnx", help="ONNX graph for onnxruntime in DIR/onnx (needs onnx, onnxscript and "
+                              "onnxruntime)."),
+    quantize: str | None = typer.Option(None, "--quantize", help="int8: onnxruntime dynamic int8 of the ONNX graph (implies "
+                                        "--onnx); nf4: bitsandbytes 4-bit HF model."),
+    prune: float | None = typer.Option(None, "--prune", help="Zero this fraction of every Linear weight by magnitude, e.g. 0.3."),
+    gguf: bool = typer.Option(False, "--gguf", help="One .gguf file for llama.cpp / Ollama (llama-architecture models)."),
+    gguf_dtype: str = typer.Option("f16", "--gguf-dtype", help="GGUF tensor type: f16 or f32."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty DIR."),
+) -> None:
+    """Export a run: merged HF model, ONNX, int8/NF4 quantized, pruned, GGUF; each checked against the run's model."""
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward ..." on every import
+    try:
+        from tunelab.export import ExportOptions, export_run
+
+        options = ExportOptions(merge=merge, onnx=onnx, quantize=quantize, prune=prune, gguf=gguf, gguf_dtype=gguf_dtype,
+                                overwrite=overwrite)
+        options.validate()
+        _quiet_libraries()
+        result = export_run(target, to, options, log=lambda text: err.print(f"[dim]{escape(text)}[/dim]", highlight=False))
+    except TunelabError as exc:
+        _fail(exc)
+        return
+    _print_export(result)
+
+
+def _print_export(result) -> None:
+    from rich.table import Table
+
+    report = result.report
+    src = report["source"]
+    table = Table(title=f"tunelab export -> {escape(str(result.out_dir))}")
+    for column in ("format", "path", "MB", "max |Δlogit|", "ms/fwd", "eval loss", "Δ loss"):
+        table.add_column(column, justify="left" if column in ("format", "path") else "right", no_wrap=column != "path",
+                         overflow="fold")
+    table.add_row("source", f"({src['kind']})", f"{src['size_mb']:.1f}", "-", f"{src['ms_per_forward']:.1f}",
+                  _loss_cell(src["eval_loss"]), "")
+    checks = []
+    for a in report["artifacts"]:
+        table.add_row(a["format"], escape(a["path"]), f"{a['size_mb']:.1f}", f"{a['max_abs_logit_diff']:.1e}",
+                      f"{a['ms_per_forward']:.1f}", _loss_cell(a["eval_loss"]),
+                      "-" if a["eval_loss_change"] is None else f"{a['eval_loss_change']:+.4f}")
+        found = [f"greedy replies {a['greedy_tokens_match']} identical" if "greedy_tokens_match" in a else "",
+                 f"top-1 token agreement {a['top1_agreement']:.1%}" if not a["lossless"] else "",
+                 f"Linear sparsity {a['linear_sparsity']:.1%}" if "linear_sparsity" in a else "",
+                 ("tokenizer ids match" if a["tokenizer_ids_match"] else "[red]tokenizer ids differ[/red]")
+                 if "tokenizer_ids_match" in a else ""]
+        checks.append(f"  {a['format']}: " + ", ".join(c for c in found if c))
+    out.print(table)
+    out.print("\n".join(checks), highlight=False, soft_wrap=True)
+    out.print(f"[dim]parity: {len(report['parity']['prompts'])} chat-template prompts vs the source; speed: batch "
+              f"{'x'.join(map(str, report['speed']['batch']))}; eval loss: {report['validation']['examples']} examples from "
+              f"{escape(report['validation']['source'])}[/dim]", highlight=False, soft_wrap=True)
+    for warning in report["warnings"]:
+        out.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
+    out.print(f"wrote {escape(str(result.out_dir / 'export_report.json'))}", highlight=False, soft_wrap=True)
+
+
+def _loss_cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def main() -> None:
     try:
         app()
