@@ -60,7 +60,10 @@ def _fail(exc: Exception) -> None:
 
 
 def _quiet_libraries() -> None:
+    import logging
     import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "Failed to load CPU gemm_4bit_forward ..." on import
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)

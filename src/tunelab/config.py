@@ -205,7 +205,7 @@ class TrainingConfig(Section):
     micro_batch_tokens: int | Literal["auto"] | None = Field(
         default="auto",
         description="Split each batch into micro-batches of at most this many padded tokens: the same gradients with "
-        "less memory. auto = 1024 on a CPU (larger gives no speed there), from free memory on a GPU; null = never split.",
+        "less memory. auto = 512 on a CPU (larger ran slower there), from free memory on a GPU; null = never split.",
     )
     gradient_checkpointing: bool | Literal["auto"] = Field(
         default="auto",
