@@ -186,13 +186,24 @@ def test_onnx_matches_peft_and_greedy_tokens_agree_int8_runs(lora_run, peft_refe
         (got,) = session.run(["logits"], {"input_ids": i.numpy(), "attention_mask": torch.ones_like(i).numpy()})
         assert float((torch.from_numpy(got) - ref).abs().max()) < 1e-4
     int8 = ort.InferenceSession(str(result.out_dir / "onnx-int8" / "model.onnx"), providers=["CPUExecutionProvider"])
-    ops = {n.op_type for n in _graph(result.out_dir / "onnx-int8" / "model.onnx")}
-    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"}
+    ops = [n.op_type for n in _graph(result.out_dir / "onnx-int8" / "model.onnx")]
+    assert ops.count("MatMulNBits") == 2 * 7 + 1 and "MatMul" in ops  # every linear + LM head; attention stays fp32
     (got,) = int8.run(["logits"], {"input_ids": ids[0].numpy(), "attention_mask": torch.ones_like(ids[0]).numpy()})
     assert got.shape == tuple(logits[0].shape)
+    assert 0 < int8_row["max_abs_logit_diff"] < 0.05 and int8_row["greedy_tokens_match"] == "3/3"  # weight-only: close
     assert 0 < int8_row["size_bytes"] < onnx_row["size_bytes"] and int8_row["ms_per_forward"] > 0
-    assert int8_row["eval_loss"] is not None and "greedy_tokens_match" in int8_row
+    assert int8_row["eval_loss"] is not None and abs(int8_row["eval_loss_change"]) < 0.01
     assert {"tokenizer.json", "config.json"} <= {p.name for p in (result.out_dir / "onnx-int8").iterdir()}
+
+
+def test_int8_dynamic_quantizes_activations_too(lora_run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    result = export_run(lora_run, tmp_path / "out", ExportOptions(quantize="int8-dynamic"))
+    row = artifact(result, "onnx-int8-dynamic")
+    ops = {n.op_type for n in _graph(result.out_dir / "onnx-int8-dynamic" / "model.onnx")}
+    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"} and "MatMulNBits" not in ops
+    assert row["max_abs_logit_diff"] > 0 and row["eval_loss"] is not None
+    assert [a["format"] for a in result.report["artifacts"]] == ["onnx", "onnx-int8-dynamic"]
 
 
 def _graph(path: Path):

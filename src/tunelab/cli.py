@@ -80,6 +80,13 @@ def train(
     overrides: list[str] | None = typer.Argument(None, help="key.sub=value overrides, e.g. training.epochs=1"),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in output.dir."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    nproc: int | None = typer.Option(
+        None, "--nproc", help="Data-parallel processes on this machine (accelerate; gloo on a CPU, one GPU each on CUDA). "
+        "The global batch stays training.batch_size: each process takes its share."),
+    num_machines: int = typer.Option(1, "--num-machines", help="Machines in a multi-node run (start the same command on each)."),
+    machine_rank: int = typer.Option(0, "--machine-rank", help="This machine's rank in a multi-node run (0 = the main one)."),
+    main_process_ip: str | None = typer.Option(None, "--main-process-ip", help="Address of machine rank 0 (multi-node)."),
+    main_process_port: int = typer.Option(0, "--main-process-port", help="Port on machine rank 0 (0 = a free port; multi-node needs a fixed one)."),
 ) -> None:
     """Fine-tune a model as the YAML describes; writes the run directory (metrics, checkpoints, final model)."""
     from tunelab.config import load_config
@@ -87,6 +94,21 @@ def train(
     try:
         cfg = load_config(config, overrides)
         _quiet_libraries()
+        from tunelab.train import distributed
+
+        if (nproc is not None or num_machines > 1) and distributed.world_size() == 1:
+            from tunelab.train.loop import check_run
+
+            nproc = 1 if nproc is None else nproc
+            command, env = distributed.launch_command(
+                config, list(overrides or []), nproc, resume=resume, quiet=quiet, device=cfg.training.device,
+                num_machines=num_machines, machine_rank=machine_rank, main_process_ip=main_process_ip,
+                main_process_port=main_process_port)
+            if nproc * num_machines > 1:
+                check_run(cfg, resume=True if resume else None)  # bad data or run dir: exit 2 here, not in N processes
+                import subprocess
+
+                raise typer.Exit(subprocess.call(command, env=env))
         from tunelab.train.loop import train as run_train
 
         run_train(cfg, resume=True if resume else None, quiet=quiet)
@@ -739,8 +761,9 @@ def export_cmd(
     merge: bool = typer.Option(False, "--merge", help="Plain HF model (adapter merged into the base) in DIR/merged (default)."),
     onnx: bool = typer.Option(False, "--onnx", help="ONNX graph for onnxruntime in DIR/onnx (needs onnx, onnxscript and "
                               "onnxruntime)."),
-    quantize: str | None = typer.Option(None, "--quantize", help="int8: onnxruntime dynamic int8 of the ONNX graph (implies "
-                                        "--onnx); nf4: bitsandbytes 4-bit HF model."),
+    quantize: str | None = typer.Option(None, "--quantize", help="int8: 8-bit weights of the ONNX graph (onnxruntime "
+                                        "MatMulNBits; implies --onnx); int8-dynamic: 8-bit weights and activations "
+                                        "(onnxruntime dynamic quantization); nf4: bitsandbytes 4-bit HF model."),
     prune: float | None = typer.Option(None, "--prune", help="Zero this fraction of every Linear weight by magnitude, e.g. 0.3."),
     gguf: bool = typer.Option(False, "--gguf", help="One .gguf file for llama.cpp / Ollama (llama-architecture models)."),
     gguf_dtype: str = typer.Option("f16", "--gguf-dtype", help="GGUF tensor type: f16 or f32."),

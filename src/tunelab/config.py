@@ -193,6 +193,18 @@ class EarlyStopping(Section):
     min_delta: float = Field(default=0.0, ge=0, description="Smallest drop in eval loss that counts as improvement.")
 
 
+class DistributedConfig(Section):
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        default="ddp",
+        description="How several processes (`tunelab train --nproc N` or `accelerate launch`) share the work: ddp "
+        "(data parallel; gloo on a CPU), fsdp or deepspeed (ZeRO; CUDA GPUs only).",
+    )
+    fsdp: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments of accelerate's FullyShardedDataParallelPlugin.")
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments of accelerate's DeepSpeedPlugin (default zero_stage: 2).")
+
+
 class TrainingConfig(Section):
     epochs: float = Field(default=3, gt=0, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
@@ -235,6 +247,8 @@ class TrainingConfig(Section):
     early_stopping: EarlyStopping | None = Field(
         default=None, description="Stop when eval loss stops improving; the best weights are kept."
     )
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Multi-process training (used only when several processes run).")
 
     @field_validator("micro_batch_tokens")
     @classmethod

@@ -17,7 +17,8 @@ from typing import Any
 from tunelab.errors import TunelabError
 from tunelab.export.parity import Probe, measure_model
 
-QUANTIZE_CHOICES = ("int8", "nf4")
+QUANTIZE_CHOICES = ("int8", "int8-dynamic", "nf4")
+ONNX_QUANTIZE = ("int8", "int8-dynamic")  # quantize the ONNX graph (imply --onnx)
 GGUF_DTYPES = ("f16", "f32")
 
 
@@ -27,7 +28,7 @@ class ExportOptions:
 
     merge: bool = False
     onnx: bool = False
-    quantize: str | None = None  # int8 (onnxruntime dynamic int8 of the ONNX file; implies onnx) | nf4 (bitsandbytes)
+    quantize: str | None = None  # int8 | int8-dynamic (of the ONNX file; imply onnx) | nf4 (bitsandbytes)
     prune: float | None = None  # fraction of every Linear weight set to zero by magnitude
     gguf: bool = False
     gguf_dtype: str = "f16"
@@ -38,7 +39,8 @@ class ExportOptions:
         TunelabError: an unknown --quantize or --gguf-dtype value, a --prune fraction outside (0, 1)."""
         if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
             raise TunelabError(f"--quantize: unknown value '{self.quantize}'; "
-                               "choose int8 (onnxruntime dynamic int8) or nf4 (bitsandbytes 4-bit)")
+                               "choose int8 (8-bit weights), int8-dynamic (8-bit weights and activations) or nf4 "
+                               "(bitsandbytes 4-bit)")
         if self.prune is not None and not 0 < self.prune < 1:
             raise TunelabError(f"--prune: the fraction of weights to zero must be between 0 and 1, exclusive (got {self.prune}); "
                                "e.g. --prune 0.3")
@@ -46,8 +48,9 @@ class ExportOptions:
             raise TunelabError(f"--gguf-dtype: unknown value '{self.gguf_dtype}'; choose f16 or f32")
 
     def selected(self) -> set[str]:
-        names = {name for name, on in (("merge", self.merge), ("onnx", self.onnx or self.quantize == "int8"),
-                                       ("int8", self.quantize == "int8"), ("nf4", self.quantize == "nf4"),
+        onnx_quantized = self.quantize in ONNX_QUANTIZE
+        names = {name for name, on in (("merge", self.merge), ("onnx", self.onnx or onnx_quantized),
+                                       ("int8", onnx_quantized), ("nf4", self.quantize == "nf4"),
                                        ("prune", self.prune is not None), ("gguf", self.gguf)) if on}
         return names or {"merge"}
 

@@ -59,7 +59,9 @@ def save_checkpoint(
     loop_state: dict,
     keep_last: int,
     best: dict[str, torch.Tensor] | None = None,
+    rng_ranks: list[dict] | None = None,
 ) -> Path:
+    """Write a checkpoint; `rng_ranks` holds every process's RNG state in a multi-process run (rank 0's otherwise)."""
     checkpoints.mkdir(parents=True, exist_ok=True)
     final = checkpoints / f"{PREFIX}{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=checkpoints))
@@ -67,7 +69,8 @@ def save_checkpoint(
         save_file(trainable_state(model), tmp / "trainable.safetensors")
         if best is not None:
             save_file(best, tmp / "best.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "state.pt")
+        rng = {"rng": rng_state()} if rng_ranks is None else {"rng": rng_ranks[0], "rng_ranks": rng_ranks}
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **rng}, tmp / "state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(loop_state, indent=1))
         for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
             with open(f, "rb") as fh:
@@ -91,13 +94,19 @@ def list_checkpoints(checkpoints: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[dict, dict[str, torch.Tensor] | None]:
-    """Restore weights, optimizer, scheduler and RNG; return the loop state and the best weights if saved."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0,
+                    world: int = 1) -> tuple[dict, dict[str, torch.Tensor] | None]:
+    """Restore weights, optimizer, scheduler and this rank's RNG; return the loop state and the best weights if saved.
+
+    A checkpoint of a run with another number of processes resumes too (same global batches); only dropout masks
+    then differ from an uninterrupted run.
+    """
     load_trainable_state(model, load_file(path / "trainable.safetensors"))
     state = torch.load(path / "state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    ranks = state.get("rng_ranks")
+    set_rng_state(ranks[rank] if ranks is not None and len(ranks) == world else state["rng"])
     best = load_file(path / "best.safetensors") if (path / "best.safetensors").is_file() else None
     return json.loads((path / "trainer_state.json").read_text()), best
 

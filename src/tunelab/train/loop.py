@@ -45,16 +45,18 @@ from tunelab.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     load_trainable_state,
+    rng_state,
     save_checkpoint,
     trainable_state,
 )
+from tunelab.train.distributed import LossModule, init_distributed
 from tunelab.train.loss import causal_lm_loss
 from tunelab.train.memory import plan_memory, return_freed_memory
 from tunelab.train.precision import autocast, pick_device, pick_precision, share_input_casts, store_frozen_in
 from tunelab.train.progress import TrainProgress
 from tunelab.train.run_dir import MetricsLog, plot_loss, write_json_atomic
 from tunelab.train.schedule import build_scheduler
-from tunelab.train.tracking import open_trackers
+from tunelab.train.tracking import Trackers, open_trackers
 
 
 def _round(x: float | None) -> float | None:
@@ -80,6 +82,12 @@ def seed_everything(seed: int) -> None:
 @torch.no_grad()
 def evaluate_loss(model, examples: list[Encoded], batch_size: int, pad_id: int, device, dtype) -> float:
     """Token-weighted mean loss over examples (batched by length so padding is small)."""
+    total, count = loss_totals(model, examples, batch_size, pad_id, device, dtype)
+    return total / max(count, 1)
+
+
+def loss_totals(model, examples: list[Encoded], batch_size: int, pad_id: int, device, dtype) -> tuple[float, int]:
+    """(summed token loss, trained tokens) over examples."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -90,14 +98,27 @@ def evaluate_loss(model, examples: list[Encoded], batch_size: int, pad_id: int, 
             loss, n = causal_lm_loss(model, batch)
         total, count = total + float(loss), count + n
     model.train(was_training)
-    return total / max(count, 1)
+    return total, count
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Setup
 
 
-def _prepare_run_dir(cfg: RunConfig, resume: bool | str) -> tuple[Path, Path | None]:
+def check_run(cfg: RunConfig, resume: bool | str | None = None) -> None:
+    """Everything `train` checks before writing (model, data, run directory), without writing the run directory:
+    a launcher runs it once before starting several processes. Prepared data lands in the cache the processes read.
+
+    Raises:
+        TunelabError: as `train` would.
+    """
+    source = resolve_model(cfg.model)
+    open_trackers(cfg)
+    prepare_data(cfg.data, load_tokenizer(source), cfg.training.seed, base=source)
+    _prepare_run_dir(cfg, cfg.resume if resume is None else resume, dry_run=True)
+
+
+def _prepare_run_dir(cfg: RunConfig, resume: bool | str, dry_run: bool = False) -> tuple[Path, Path | None]:
     """Decide between a fresh run and a resume; never clobber a finished run or a directory tunelab did not make."""
     run_dir = Path(cfg.output.dir)
     checkpoints = list_checkpoints(run_dir / "checkpoints")
@@ -118,7 +139,8 @@ def _prepare_run_dir(cfg: RunConfig, resume: bool | str) -> tuple[Path, Path | N
                 f"output.dir: {run_dir} already holds a run; pass --resume to continue it, "
                 "output.overwrite=true to replace it, or choose another output.dir"
             )
-        shutil.rmtree(run_dir)
+        if not dry_run:
+            shutil.rmtree(run_dir)
     return run_dir, None
 
 
@@ -189,17 +211,24 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
 
     # 1. Everything a user can get wrong, checked before anything is written.
     source: ModelSource = resolve_model(cfg.model)
-    trackers = open_trackers(cfg)  # MLflow / W&B: a missing library or unusable tracking URI fails here
-    tokenizer = load_tokenizer(source)
-    data = prepare_data(cfg.data, tokenizer, t.seed, base=source)
     device = pick_device(t.device)
+    dist = init_distributed(device, t.distributed)  # one process unless a launcher started several (--nproc)
+    if dist.active and device.type == "cuda":
+        device = dist.accelerator.device
+    quiet = quiet or not dist.main
+    # MLflow / W&B: a missing library or unusable tracking URI fails here; only rank 0 reports.
+    trackers = open_trackers(cfg) if dist.main else Trackers({})
+    tokenizer = load_tokenizer(source)
+    data = dist.main_first(lambda: prepare_data(cfg.data, tokenizer, t.seed, base=source))  # one cache write
     dtype = pick_precision(t.precision, device)
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
-    run_dir, checkpoint = _prepare_run_dir(cfg, resume)
+    run_dir, checkpoint = dist.on_main(lambda: _prepare_run_dir(cfg, resume))
     model = load_model(source)
     model.config.use_cache = False
     torch.manual_seed(t.seed)  # method init (LoRA A matrices) is seeded independently of loading
     model = attach_method(model, cfg.method).to(device)
+    if dist.active:
+        torch.manual_seed(t.seed + dist.rank)  # dropout masks differ between ranks
     if dtype is not None and hasattr(model, "peft_config"):
         store_frozen_in(model, dtype)
     if dtype is not None:
@@ -215,19 +244,27 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
     per_epoch, total_steps = plan_steps(data, t)
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total_steps)
     optimizer = _optimizer(model, t)
+    step_model = _ModelLoss(model)
+    if dist.active:  # DDP (or FSDP/DeepSpeed) wraps the loss so that its hooks see every trainable parameter
+        if t.distributed.strategy == "ddp":
+            step_model = dist.accelerator.prepare(LossModule(model, causal_lm_loss))
+        else:
+            step_model, optimizer = dist.accelerator.prepare(LossModule(model, causal_lm_loss), optimizer)
     scheduler = build_scheduler(optimizer, total_steps, warmup, t.schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # loss scaling for fp16 only
     pad_id = tokenizer.pad_token_id
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    copy_prepared(data, run_dir / "data", splits=bool(cfg.data.pipeline_steps) or data.report.get("removed", 0) > 0)
-    clean_partial(run_dir / "checkpoints")
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        copy_prepared(data, run_dir / "data", splits=bool(cfg.data.pipeline_steps) or data.report.get("removed", 0) > 0)
+        clean_partial(run_dir / "checkpoints")
     state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_eval": None, "bad_evals": 0, "tokens": 0, "trained_tokens": 0, "elapsed": 0.0}
     best: dict | None = None
     if checkpoint is not None:
-        state, best = load_checkpoint(checkpoint, model, optimizer, scheduler)
-    log = MetricsLog(run_dir, resume_step=state["step"] if checkpoint is not None else None, trackers=trackers)
+        state, best = load_checkpoint(checkpoint, model, optimizer, scheduler, rank=dist.rank, world=dist.world)
+    log = (MetricsLog(run_dir, resume_step=state["step"] if checkpoint is not None else None, trackers=trackers)
+           if dist.main else _NoLog())
     trainable, total_params = count_parameters(model)
     progress = TrainProgress(total_steps, quiet=quiet)
     progress.header(
@@ -236,6 +273,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
         + (f" (packed into {len(data.train)} rows)" if cfg.data.packing else "")
         + f" / {len(data.validation)} eval examples | {total_steps} steps | "
         f"{device.type} {precision} | {memory_plan}"
+        + (f" | {dist.world} processes ({t.distributed.strategy})" if dist.active else "")
         + (f" | resumed at step {state['step']}" if checkpoint is not None else "")
     )
     progress.note(f"data: {'cache hit' if data.cache_hit else 'prepared'} in {data.seconds:.1f} s -> {run_dir / 'data'}")
@@ -245,10 +283,16 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
     def evaluate() -> float | None:
         if not data.validation:
             return None
-        return evaluate_loss(model, data.validation, t.batch_size, pad_id, device, dtype)
+        if not dist.active:
+            return evaluate_loss(model, data.validation, t.batch_size, pad_id, device, dtype)
+        total, count = dist.sum(*loss_totals(model, dist.shard(list(data.validation)), t.batch_size, pad_id, device, dtype))
+        return total / max(count, 1)
 
     def checkpoint_now() -> None:
-        save_checkpoint(run_dir / "checkpoints", state["step"], model, optimizer, scheduler, state, t.keep_last, best)
+        rngs = dist.gather(rng_state()) if dist.active else None  # every rank's dropout stream, for an exact resume
+        if dist.main:
+            save_checkpoint(run_dir / "checkpoints", state["step"], model, optimizer, scheduler, state, t.keep_last, best,
+                            rng_ranks=rngs)
 
     if t.eval_at_start and checkpoint is None and data.validation:
         state["initial_eval"] = evaluate()
@@ -266,21 +310,37 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
             steps = [batches_now[i : i + t.gradient_accumulation] for i in range(0, len(batches_now), t.gradient_accumulation)]
             for step_batches in steps[state["step_in_epoch"] :]:
                 tick = time.perf_counter()
+                # With several processes each takes every world-th example of each batch; a rank left without any
+                # (a batch smaller than the group) still runs one example at weight 0 to join the gradient all-reduce.
+                mine = [part for part in (dist.shard(b) for b in step_batches) if part]
+                idle = not mine
                 batches = [collate([data.train[i] for i in mb], pad_id)
-                           for b in step_batches for mb in micro_batches(b, lengths, micro_tokens)]
-                n_trained = max(1, sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches))
+                           for b in (mine or [step_batches[0][:1]]) for mb in micro_batches(b, lengths, micro_tokens)]
+                n_trained = 0 if idle else sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+                n_trained = max(1, int(dist.sum(n_trained)[0]))
                 loss_sum, tokens = 0.0, 0
-                for batch in batches:
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    with autocast(device, dtype):
-                        loss, _ = causal_lm_loss(model, batch)
-                    scaler.scale(loss / n_trained).backward()
+                for k, batch in enumerate(batches):
+                    batch = {key: v.to(device) for key, v in batch.items()}
+                    with dist.no_sync(step_model, sync=k == len(batches) - 1):
+                        with autocast(device, dtype):
+                            loss, _ = step_model(batch)
+                        if idle:
+                            loss = loss * 0.0
+                        # DDP averages the ranks' gradients: each scales by world / global tokens -> the token mean.
+                        scaler.scale(loss / (n_trained / dist.world)).backward()
                     loss_sum += float(loss.detach())
-                    tokens += int(batch["attention_mask"].sum())
+                    tokens += 0 if idle else int(batch["attention_mask"].sum())
+                if dist.active:
+                    loss_sum, tokens = dist.sum(loss_sum, tokens)
+                    tokens = int(tokens)
                 grad_norm = None
                 scaler.unscale_(optimizer)
                 if t.max_grad_norm is not None:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_((p for p in model.parameters() if p.requires_grad), t.max_grad_norm))
+                    trainable_params = [p for p in model.parameters() if p.requires_grad]
+                    if dist.active:
+                        grad_norm = float(dist.accelerator.clip_grad_norm_(trainable_params, t.max_grad_norm))
+                    else:
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable_params, t.max_grad_norm))
                 lr = scheduler.get_last_lr()[0]
                 scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
                 scaler.update()
@@ -335,6 +395,9 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
     if best is not None and t.early_stopping:
         load_trainable_state(model, best)
         final_eval = state["best_eval"]
+    if not dist.main:
+        dist.finish()
+        return TrainResult(run_dir, {})
     save_model(model, tokenizer, run_dir / "model")
     records = log.records()
     log.close()
@@ -370,10 +433,35 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
         "device": device.type,
         "micro_batch_tokens": micro_tokens,
         "gradient_checkpointing": checkpointing,
+        "processes": dist.world,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
     }
     write_json_atomic(run_dir / "summary.json", summary)
     trackers.finish(run_dir)
     progress.footer(summary, run_dir)
+    dist.finish()
     return TrainResult(run_dir, summary)
+
+
+class _ModelLoss:
+    """The single-process step: the loss called on the model as it is (no wrapper)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __call__(self, batch):
+        return causal_lm_loss(self.model, batch)
+
+
+class _NoLog:
+    """Ranks other than 0 write no metrics."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def records(self) -> list[dict]:
+        return []
+
+    def close(self) -> None:
+        pass
