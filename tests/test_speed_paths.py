@@ -56,6 +56,21 @@ def test_linear_cross_entropy_never_keeps_a_rows_x_vocab_tensor():
     assert weight.grad is None and hidden.grad.shape == hidden.shape
 
 
+def test_linear_cross_entropy_under_no_grad_computes_no_gradients():
+    # Evaluation of a model whose weights require grad (full fine-tuning, `tunelab eval`) must not pay for gradients.
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(64, 16, requires_grad=True), torch.randn(4000, 16, requires_grad=True)
+    targets = torch.randint(0, 4000, (64,))
+    with torch.no_grad(), profile() as prof:
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_elements=8 * 4000)
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls["aten::mm"] == 8  # one logits matmul per 8-row chunk; with gradients 3 (logits, d_hidden, d_weight)
+    assert "aten::zeros_like" not in calls  # no weight-gradient buffer
+    assert float(loss) == pytest.approx(float(naive_loss(hidden, weight, targets)), rel=1e-5)
+
+
 def test_linear_cross_entropy_under_bf16_autocast_matches_autocast_reference():
     torch.manual_seed(0)
     hidden = torch.randn(40, 32, requires_grad=True)

@@ -57,10 +57,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T, target_i), chunk by chunk; gradients are computed in the forward pass."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, softcap, chunk_rows):
+    def forward(ctx, hidden, weight, targets, softcap, chunk_rows, grad_enabled):
         dtype = _compute_dtype(hidden.device.type, hidden.dtype)  # the matmul precision autocast would use
         w = weight.to(dtype)
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # needs_input_grad follows requires_grad even under no_grad (evaluation), where no gradient will be asked for
+        want_h, want_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
@@ -97,6 +98,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -106,7 +108,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     logits at once. Equal to `F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")` (with
     gradients for `hidden` and, when it requires them, `weight`), in the autocast precision when autocast is on."""
     chunk_rows = max(1, chunk_elements // weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden, weight, targets, softcap, chunk_rows)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, softcap, chunk_rows, torch.is_grad_enabled())
 
 
 def logits_where(model, inputs: dict, keep: torch.Tensor, shift: bool = False) -> torch.Tensor:
