@@ -17,7 +17,7 @@ import copy
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -171,21 +171,107 @@ class FreezeMethod(Section):
         return self
 
 
-class LoraMethod(Section):
-    name: Literal["lora"] = Field(description="Low-rank adapters through PEFT; the base stays frozen.")
-    r: int = Field(default=16, ge=1, description="LoRA rank.")
-    alpha: float = Field(default=32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(
-        default=0.0, ge=0, lt=1, description="Dropout on the LoRA input (on CPU its random masks can double the step time)."
-    )
+class _AdapterTargets(Section):
+    """Where an adapter method attaches (shared by the LoRA and LyCORIS families)."""
+
+    name: str  # each method's Literal; declared first so that `name` leads in config.yaml
     target_modules: Literal["all-linear"] | list[str] = Field(
         default="all-linear", description="'all-linear' or a list of module names (e.g. [q_proj, v_proj])."
     )
     modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full beside the adapters.")
 
 
-MethodConfig = Annotated[FullMethod | FreezeMethod | LoraMethod, Field(discriminator="name")]
-METHOD_NAMES = ("full", "freeze", "lora")
+class LoraMethod(_AdapterTargets):
+    name: Literal["lora"] = Field(description="Low-rank adapters through PEFT; the base stays frozen.")
+    r: int = Field(default=16, ge=1, description="LoRA rank.")
+    alpha: float = Field(default=32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(
+        default=0.0, ge=0, lt=1, description="Dropout on the LoRA input (on CPU its random masks can double the step time)."
+    )
+
+
+class RsLoraMethod(LoraMethod):
+    name: Literal["rslora"] = Field(description="Rank-stabilized LoRA: scale = alpha / sqrt(r), so high ranks keep learning.")
+    alpha: float = Field(default=16, gt=0, description="Scaling numerator (scale = alpha / sqrt(r): 4 at r=16).")
+
+
+class DoraMethod(LoraMethod):
+    name: Literal["dora"] = Field(
+        description="Weight-decomposed LoRA (DoRA): a trained magnitude per output row plus a LoRA direction; slower steps."
+    )
+
+
+class QLoraMethod(LoraMethod):
+    name: Literal["qlora"] = Field(description="LoRA on a base model quantized to 4-bit NF4 with bitsandbytes (about 1/3 the memory).")
+    double_quant: bool = Field(default=True, description="Quantize the quantization constants too (saves ~0.4 bit per weight).")
+    compute_dtype: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto", description="Precision of the 4-bit matmuls: auto = bf16 where the CPU/GPU has native bf16, else fp32."
+    )
+    optim: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        default="adamw", description="Optimizer: adamw, or bitsandbytes' 8-bit AdamW (paged on CUDA; plain 8-bit on a CPU)."
+    )
+
+
+class Ia3Method(Section):
+    name: Literal["ia3"] = Field(description="(IA)3: learned vectors that rescale attention keys/values and feed-forward inputs.")
+    target_modules: Literal["all-linear"] | list[str] | None = Field(
+        default=None, description="Modules to rescale; null = PEFT's choice for the architecture (Llama: k_proj, v_proj, down_proj)."
+    )
+    feedforward_modules: list[str] | None = Field(
+        default=None,
+        description="Target modules whose input (not output) is rescaled; null = PEFT's choice (Llama: down_proj).",
+    )
+    modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full beside the vectors.")
+
+
+class LohaMethod(_AdapterTargets):
+    name: Literal["loha"] = Field(description="LoHa: low-rank Hadamard-product adapters (effective rank up to r squared).")
+    r: int = Field(default=8, ge=1, description="Rank of each of the two low-rank factors.")
+    alpha: float = Field(default=8, gt=0, description="Scaling numerator (scale = alpha / r).")
+    rank_dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout over the rank dimension during training.")
+    module_dropout: float = Field(default=0.0, ge=0, lt=1, description="Chance of skipping an adapter for a whole step.")
+
+
+class LokrMethod(LohaMethod):
+    name: Literal["lokr"] = Field(description="LoKr: Kronecker-product adapters, a small dense factor times a low-rank one.")
+    r: int = Field(default=8, ge=1, description="Rank of the low-rank Kronecker factor.")
+    decompose_both: bool = Field(default=False, description="Make the small Kronecker factor low-rank too.")
+    decompose_factor: int = Field(default=-1, description="Size of the small factor's dimensions; -1 = as square as possible.")
+
+
+class VirtualTokenMethod(Section):
+    """Methods that train virtual tokens in front of every sequence; PEFT's forward then has to run the model."""
+
+    supports_packing: ClassVar[bool] = False  # PEFT drops the position ids that keep packed examples apart
+    num_virtual_tokens: int = Field(default=20, ge=1, description="How many trained virtual tokens precede every sequence.")
+
+
+class PrefixTuningMethod(VirtualTokenMethod):
+    name: Literal["prefix_tuning"] = Field(description="Prefix tuning: trained keys and values in front of every layer's attention.")
+    supports_gradient_checkpointing: ClassVar[bool] = False  # PEFT's prefix cache breaks under recomputation
+    prefix_projection: bool = Field(default=False, description="Produce the prefix through a trained 2-layer MLP (P-tuning v2 style).")
+    encoder_hidden_size: int | None = Field(
+        default=None, ge=1, description="Hidden size of that MLP (prefix_projection only); null = the model's hidden size."
+    )
+
+
+class PromptTuningMethod(VirtualTokenMethod):
+    name: Literal["prompt_tuning"] = Field(description="Prompt tuning: trained input embeddings in front of every sequence.")
+    init_text: str | None = Field(
+        default=None, description="Start the virtual tokens from this text's embeddings (e.g. 'Classify the ticket:'); null = random."
+    )
+
+
+MethodConfig = Annotated[
+    FullMethod | FreezeMethod | LoraMethod | RsLoraMethod | DoraMethod | QLoraMethod | Ia3Method | LohaMethod | LokrMethod
+    | PrefixTuningMethod | PromptTuningMethod,
+    Field(discriminator="name"),
+]
+# method name -> its section class, read off the union (each member's `name` is a one-value Literal)
+METHOD_SECTIONS: dict[str, type[Section]] = {
+    get_args(member.model_fields["name"].annotation)[0]: member for member in get_args(get_args(MethodConfig)[0])
+}
+METHOD_NAMES = tuple(METHOD_SECTIONS)
 
 
 class EarlyStopping(Section):
@@ -454,7 +540,7 @@ def _section_type(annotation: Any, data: dict, path: tuple[str, ...]) -> Any:
     if path == ("method",):
         node = data.get("method") or {}
         name = node.get("name") if isinstance(node, dict) else None
-        return {"full": FullMethod, "freeze": FreezeMethod, "lora": LoraMethod}.get(name, LoraMethod)
+        return METHOD_SECTIONS.get(name, LoraMethod)
     for candidate in getattr(annotation, "__args__", (annotation,)):
         if isinstance(candidate, type) and issubclass(candidate, BaseModel):
             return candidate
@@ -562,9 +648,31 @@ def config_from_dict(data: dict, source: str = "config", lines: dict | None = No
     except ValidationError as err:
         overridden = {tuple(path) for path, _ in parse_overrides(overrides)}
         raise TunelabError(format_validation_error(err, source, data, lines or {}, overridden)) from None
+    check_method_fits(cfg, source, lines or {}, {tuple(path) for path, _ in parse_overrides(overrides)})
     if cfg.search:
         check_search_space(cfg, data, source, lines or {})
     return cfg
+
+
+def check_method_fits(cfg: RunConfig, source: str, lines: dict, overridden: set) -> None:
+    """Settings elsewhere in the config that the chosen method cannot train with, reported at that setting's line.
+
+    Raises:
+        TunelabError: `run.yaml:9: data.packing: prompt_tuning cannot train on packed rows; ...`.
+    """
+    name = cfg.method.name
+    checks = [
+        (cfg.data.packing and not getattr(cfg.method, "supports_packing", True), ("data", "packing"),
+         f"{name} cannot train on packed rows (PEFT drops the position ids that keep them apart); set data.packing: false"),
+        (cfg.training.gradient_checkpointing is True and not getattr(cfg.method, "supports_gradient_checkpointing", True),
+         ("training", "gradient_checkpointing"),
+         f"{name} does not work with gradient checkpointing (PEFT's restriction); set it to auto or false"),
+    ]
+    for failed, loc, problem in checks:
+        if failed:
+            line = lines.get(loc)
+            prefix = "command-line override: " if loc in overridden else f"{source}:{line}: " if line else f"{source}: "
+            raise TunelabError(f"{prefix}{'.'.join(loc)}: {problem}")
 
 
 def set_path(data: dict, path: str, value: Any) -> dict:

@@ -37,14 +37,15 @@ def load_for_inference(target: str | Path):
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if (model_dir / "adapter_config.json").is_file():
+            import yaml
             from peft import PeftModel
 
+            run_config = yaml.safe_load((path / "config.yaml").read_text()) or {}
             base_path = json.loads((model_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
             if not base_path or not Path(base_path).is_dir():  # e.g. the model cache was cleared: resolve the spec again
-                import yaml
-
-                base_path = resolve_model(yaml.safe_load((path / "config.yaml").read_text()).get("model")).path
-            base = load_model(resolve_model(base_path))
+                base_path = resolve_model(run_config.get("model")).path
+            base_source = resolve_model(base_path)
+            base = load_model(base_source, **_method_load_kwargs(run_config.get("method"), base_source))
             model = PeftModel.from_pretrained(base, str(model_dir))
         else:
             model = load_model(resolve_model(str(model_dir)))
@@ -54,6 +55,20 @@ def load_for_inference(target: str | Path):
         model = load_model(source)
     model.eval()
     return model, tokenizer
+
+
+def _method_load_kwargs(method: dict | None, source) -> dict:
+    """Load the base model the way the run's method trained on it (qlora: the same 4-bit quantization), on the CPU."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from tunelab.config import MethodConfig
+    from tunelab.methods import method_load_kwargs
+
+    try:
+        cfg = TypeAdapter(MethodConfig).validate_python(method or {"name": "lora"})
+    except ValidationError:
+        return {}  # a config from another tunelab version: the plain base model
+    return method_load_kwargs(cfg, source, torch.device("cpu"))
 
 
 def generation_kwargs(tokenizer, max_new_tokens: int, temperature: float, top_p: float) -> dict:

@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from tunelab.data.dataset import budget_chunks
+from tunelab.errors import TunelabError
 from tunelab.train.loss import logits_where
 
 
@@ -118,6 +119,11 @@ def score_items(model, tokenizer, items: list[MCItem], batch_size: int = 16, dty
     chunks of choices of similar length holding about `token_budget` tokens each. lm-eval instead runs context + choice
     once per choice and computes the vocabulary projection at every position.
     """
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and peft_config.is_prompt_learning:
+        # Its virtual tokens live inside PEFT's forward, which the cached-context scoring below does not call.
+        raise TunelabError("log-likelihood scoring (benchmarks, label scoring) of a prefix/prompt-tuning run is not "
+                           "supported yet; score generation tasks or perplexity, or train with another method")
     device = next(model.parameters()).device
     max_length = getattr(model.config, "max_position_embeddings", 2048) or 2048
     encoded = [encode_item(tokenizer, it, max_length) for it in items]

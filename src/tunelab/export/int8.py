@@ -58,6 +58,7 @@ def fold_weight_transposes(src: Path, dest: Path) -> int:
 
 
 BLOCK_SIZE = 32  # input values per weight scale (weight-only int8)
+ACCURACY_LEVEL = 4  # int8 matmuls on activations quantized per block of 32 at run time (0: fp32 matmuls, slower)
 
 
 def weight_only_int8(src: Path, dest: Path) -> None:
@@ -66,7 +67,8 @@ def weight_only_int8(src: Path, dest: Path) -> None:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     big = sum(p.stat().st_size for p in graph_files(src)) / 4 > EXTERNAL_DATA_BYTES  # int8 is a quarter of fp32
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=8, block_size=BLOCK_SIZE, is_symmetric=True)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=8, block_size=BLOCK_SIZE, is_symmetric=True,
+                                     accuracy_level=ACCURACY_LEVEL)
     quantizer.process()
     model = quantizer.model.model
     onnx.save(model, str(dest), save_as_external_data=big, location=dest.name + ".data" if big else None)

@@ -2,25 +2,44 @@
 
 A method is one function `attach(model, cfg) -> model` registered under its config name; the loop only sees a model
 whose trainable parameters have `requires_grad=True`. Adding a method is one module and one `register_method` line.
+
+A method that needs the base model loaded differently (qlora: 4-bit weights) also registers `load_kwargs(cfg, source,
+device) -> dict`: extra `from_pretrained` keyword arguments, asked for before the weights load, so it is also where a
+method checks what it can from the model's config.json and raises `TunelabError` before any time is spent.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 MethodFn = Callable[[nn.Module, object], nn.Module]
+LoadKwargsFn = Callable[[object, object, torch.device], dict]
 METHODS: dict[str, MethodFn] = {}
+LOAD_KWARGS: dict[str, LoadKwargsFn] = {}
 
 
-def register_method(name: str, attach: MethodFn) -> None:
+def register_method(name: str, attach: MethodFn, load_kwargs: LoadKwargsFn | None = None) -> None:
     METHODS[name] = attach
+    if load_kwargs is not None:
+        LOAD_KWARGS[name] = load_kwargs
 
 
 def attach_method(model: nn.Module, cfg) -> nn.Module:
     """Apply the configured method; afterwards only the parameters it trains require grad."""
     return METHODS[cfg.name](model, cfg)
+
+
+def method_load_kwargs(cfg, source, device: torch.device) -> dict:
+    """Extra `load_model` keyword arguments the method `cfg` needs for the base model at `source` on `device` ({} for most).
+
+    Raises:
+        TunelabError: the method cannot work with this model or installation (e.g. qlora without bitsandbytes).
+    """
+    hook = LOAD_KWARGS.get(cfg.name)
+    return hook(cfg, source, device) if hook is not None else {}
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -36,8 +55,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-from tunelab.methods import freeze, full, lora
+from tunelab.methods import freeze, full, peft_adapters, qlora
 
 register_method("full", full.attach)
 register_method("freeze", freeze.attach)
-register_method("lora", lora.attach)
+for _name in ("lora", "rslora", "dora", "ia3", "loha", "lokr", "prefix_tuning", "prompt_tuning"):
+    register_method(_name, peft_adapters.attach, peft_adapters.check_model_config)
+register_method("qlora", qlora.attach, qlora.load_kwargs)

@@ -182,22 +182,48 @@ def _reachable(host: str) -> bool:
         return False
 
 
-def load_model(source: ModelSource, dtype=None):
-    """Load the causal LM in float32 (master weights) unless a dtype is given."""
+def load_model(source: ModelSource, dtype=None, **method_kwargs):
+    """Load the causal LM in float32 (master weights) unless a dtype is given.
+
+    `method_kwargs` are extra `from_pretrained` arguments a method asks for (`methods.method_load_kwargs`), e.g. qlora's
+    4-bit `quantization_config`."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": dtype or torch.float32}
+    kwargs = {"dtype": dtype or torch.float32, **method_kwargs}
     try:
         try:
-            return AutoModelForCausalLM.from_pretrained(source.path, local_files_only=True, **kwargs)
+            return _settle_4bit(AutoModelForCausalLM.from_pretrained(source.path, local_files_only=True, **kwargs))
         except OSError:
             if source.kind != "hub" or _offline():
                 raise
-            return AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+            return _settle_4bit(AutoModelForCausalLM.from_pretrained(source.path, **kwargs))
     except OSError:
         if source.kind == "hub":
             raise _hub_error(source.spec) from None
         raise TunelabError(f"model: '{source.spec}': cannot load the weights; check the directory has model.safetensors") from None
     except ValueError as exc:
         raise TunelabError(f"model: '{source.spec}': not a causal language model transformers can train ({str(exc).splitlines()[0][:160]})") from None
+
+
+def _settle_4bit(model):
+    """Make a model loaded in 4 bits trainable and small (no-op for other models).
+
+    - Stop bitsandbytes from converting 4-bit layers to its CPU inference layout. On AVX512-BF16 CPUs a 4-bit layer
+      repacks its weights the first time it runs in eval mode without gradients, and from then on computes through a
+      kernel with no backward (bitsandbytes 0.50: `gemv_4bit` has no autograd kernel), so after the loop's first
+      evaluation the gradient through every base layer would silently be dropped. Keeping the training layout also makes
+      a reloaded QLoRA adapter compute exactly what the trained model computed.
+    - Copy the tensors that were not quantized (embedding, norms) out of the memory-mapped fp32 safetensors file:
+      quantizing read every page of it, and while any tensor points into the mapping the whole file stays resident
+      (540 MB for SmolLM2-135M, three times the 4-bit model).
+    """
+    if not getattr(model, "is_loaded_in_4bit", False):
+        return model
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.clone()
+    return model

@@ -39,7 +39,7 @@ from tunelab.data.dataset import (
 )
 from tunelab.data.tokenize import IGNORE, Encoded
 from tunelab.errors import TunelabError
-from tunelab.methods import attach_method, count_parameters
+from tunelab.methods import attach_method, count_parameters, method_load_kwargs
 from tunelab.models.loading import ModelSource, load_model, load_tokenizer, resolve_model
 from tunelab.train.checkpoint import (
     clean_partial,
@@ -123,6 +123,7 @@ def check_run(cfg: RunConfig, resume: bool | str | None = None) -> None:
         TunelabError: as `train` would.
     """
     source = resolve_model(cfg.model)
+    method_load_kwargs(cfg.method, source, pick_device(cfg.training.device))
     open_trackers(cfg)
     prepare_data(cfg.data, load_tokenizer(source), cfg.training.seed, base=source)
     _prepare_run_dir(cfg, cfg.resume if resume is None else resume, dry_run=True)
@@ -154,12 +155,17 @@ def _prepare_run_dir(cfg: RunConfig, resume: bool | str, dry_run: bool = False) 
     return run_dir, None
 
 
-def _optimizer(model, cfg) -> torch.optim.Optimizer:
+def _optimizer(model, cfg, optim: str = "adamw") -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if optim in ("adamw_8bit", "paged_adamw_8bit"):  # qlora's optim: bitsandbytes' 8-bit states (paging is CUDA-only)
+        import bitsandbytes as bnb
+
+        adamw_8bit = bnb.optim.PagedAdamW8bit if optim == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+        return adamw_8bit(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2))
     fused = {"fused": True} if next(model.parameters()).device.type == "cuda" else {}
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), **fused)
 
@@ -225,6 +231,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
     dist = init_distributed(device, t.distributed)  # one process unless a launcher started several (--nproc)
     if dist.active and device.type == "cuda":
         device = dist.accelerator.device
+    load_kwargs = method_load_kwargs(cfg.method, source, device)  # e.g. qlora's 4-bit quantization; checks the method fits
     quiet = quiet or not dist.main
     # MLflow / W&B: a missing library or unusable tracking URI fails here; only rank 0 reports.
     trackers = open_trackers(cfg) if dist.main else Trackers({})
@@ -233,7 +240,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
     dtype = pick_precision(t.precision, device)
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     run_dir, checkpoint = dist.on_main(lambda: _prepare_run_dir(cfg, resume))
-    model = load_model(source)
+    model = load_model(source, **load_kwargs)
     model.config.use_cache = False
     torch.manual_seed(t.seed)  # method init (LoRA A matrices) is seeded independently of loading
     model = attach_method(model, cfg.method).to(device)
@@ -245,7 +252,8 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
         share_input_casts(model, dtype)
     lengths = train_lengths(data)
     micro_tokens, checkpointing, memory_plan = plan_memory(
-        t.micro_batch_tokens, t.gradient_checkpointing, model.config, dtype, device, max(lengths, default=1))
+        t.micro_batch_tokens, t.gradient_checkpointing if getattr(cfg.method, "supports_gradient_checkpointing", True) else False,
+        model.config, dtype, device, max(lengths, default=1))
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -253,7 +261,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
     # 2. Optimizer, schedule, plan.
     per_epoch, total_steps = plan_steps(data, t)
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total_steps)
-    optimizer = _optimizer(model, t)
+    optimizer = _optimizer(model, t, getattr(cfg.method, "optim", "adamw"))
     step_model = _ModelLoss(model)
     if dist.active:  # DDP (or FSDP/DeepSpeed) wraps the loss so that its hooks see every trainable parameter
         if t.distributed.strategy == "ddp":

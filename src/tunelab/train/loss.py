@@ -16,6 +16,11 @@ from tunelab.data.tokenize import IGNORE
 
 
 def _backbone_and_head(model):
+    """(decoder, LM head, logit softcap) to call directly; decoder None when only the model's own forward is right:
+    prefix and prompt tuning (PEFT) add their virtual tokens inside that forward."""
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and peft_config.is_prompt_learning:
+        return None, None, None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
         decoder = base.get_decoder()
@@ -116,7 +121,8 @@ def logits_where(model, inputs: dict, keep: torch.Tensor, shift: bool = False) -
     Training uses it for trained tokens, log-likelihood scoring for scored continuation tokens."""
     decoder, head, softcap = _backbone_and_head(model)
     if decoder is None or head is None:
-        logits = model(**inputs).logits
+        # The last input_ids.shape[1] positions are the inputs' (prompt tuning puts its virtual tokens first).
+        logits = model(**inputs).logits[:, -inputs["input_ids"].shape[1] :]
         return (logits[:, :-1] if shift else logits)[keep]
     hidden = decoder(**inputs).last_hidden_state
     selected = head((hidden[:, :-1] if shift else hidden)[keep])

@@ -71,7 +71,9 @@ def store_frozen_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
     embedding = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
     converted: set[int] = set()
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and module.weight is not embedding:
+        if isinstance(module, torch.nn.Linear) and not module.weight.is_floating_point():
+            converted.add(id(module.weight))  # a quantized layer (bitsandbytes' Linear4bit subclasses nn.Linear): as it is
+        elif isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and module.weight is not embedding:
             module.weight.data = module.weight.data.to(dtype)
             converted.add(id(module.weight))
             if module.bias is not None and not module.bias.requires_grad:
@@ -128,7 +130,9 @@ class _SharedCast:
 
 def share_input_casts(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Install `_SharedCast` on every linear layer of `model`, the base layers and adapters inside PEFT layers included
-    (each reader its own gradient node, so gradients meet in fp32)."""
+    (each reader its own gradient node, so gradients meet in fp32). bitsandbytes' 4-bit layers (nn.Linear subclasses)
+    get it too: they cast their input to their compute dtype themselves, which is then a no-op on the shared copy, and
+    return the input's dtype, so they behave like an autocast nn.Linear; their weights are never touched."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     shared = _SharedCast(dtype)
