@@ -50,7 +50,7 @@ def main() -> None:
         cfg = load_config(REPO / "configs" / "tune-demo.yaml").model_dump(mode="json", exclude_unset=True)
         cfg["data"]["train"] = str(REPO / cfg["data"]["train"])
         cfg["data"]["validation"] = str(work / "validation.jsonl")
-        cfg["training"].update(max_steps=args.steps, eval_every=max(1, args.steps // 4))
+        cfg["training"].update(max_steps=args.steps, eval_every=None)  # pruner off: one evaluation, at the end
         cfg["output"] = {"dir": str(out)}
         cfg["tune"] = {**cfg["tune"], "pruner": "none", "trials": args.trials, "startup_trials": args.startup, **tune}
         return cfg

@@ -176,7 +176,7 @@ def tune_cli(tmp_path: Path, cfg: dict, *args: str):
     ({"training.learnign_rate": {"type": "uniform", "low": 0.1, "high": 0.2}},
      ["search.training.learnign_rate: unknown config path; did you mean 'training.learning_rate'?"]),
     ({"method.alhpa": {"type": "int", "low": 2, "high": 8}}, ["search.method.alhpa: unknown config path; did you mean 'method.alpha'?"]),
-    ({"method.rank": {"type": "int", "low": 2, "high": 8}}, ["search.method.rank: unknown config path; valid keys under method: name, r,"]),
+    ({"method.rank": {"type": "int", "low": 2, "high": 8}}, ["search.method.rank: unknown config path; valid keys under method: name, target_modules,"]),
     ({"training.learning_rate": {"type": "uniform", "low": 0, "high": 0.1}},
      ["search.training.learning_rate: the value 0.0 is rejected: training.learning_rate: Input should be greater than 0"]),
     ({"method.r": {"type": "uniform", "low": 2, "high": 9}}, ["search.method.r: the value 5.5 is rejected", "valid integer"]),

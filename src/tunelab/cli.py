@@ -506,15 +506,23 @@ def preview(
     out.print("[bold green]green[/bold green] = tokens that carry loss, [dim]dim[/dim] = context only"
               + (", [magenta]|next example|[/magenta] = packing boundary" if cfg.data.packing else ""), highlight=False)
     for i in range(min(n, len(rows))):
-        _print_example(rows[i], tokenizer)
+        enc = rows[i]
+        if enc.rejected_ids is None:
+            _print_example(enc, tokenizer)
+        else:  # a preference pair: both conversations, each with its trained reply
+            from tunelab.data.tokenize import Encoded
+
+            _print_example(Encoded(enc.input_ids, enc.labels, enc.source, enc.truncated), tokenizer, "chosen")
+            _print_example(Encoded(enc.rejected_ids, enc.rejected_labels, enc.source, enc.truncated), tokenizer, "rejected")
 
 
-def _print_example(enc, tokenizer) -> None:
+def _print_example(enc, tokenizer, side: str = "") -> None:
     from rich.text import Text
 
     from tunelab.data.tokenize import IGNORE
 
-    out.rule(f"{enc.source[:80]}  ({len(enc.input_ids)} tokens, {enc.n_trained} trained{', truncated' if enc.truncated else ''})")
+    out.rule(f"{enc.source[:80]}{f' {side}' if side else ''}  ({len(enc.input_ids)} tokens, {enc.n_trained} trained"
+             f"{', truncated' if enc.truncated else ''})")
     text = Text()
     starts = {i for i, p in enumerate(enc.position_ids or []) if p == 0 and i > 0}
     run: list[int] = []

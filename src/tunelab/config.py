@@ -97,7 +97,7 @@ class DataConfig(Section):
     validation: str | list[str] | float | None = Field(
         default=None, description="Validation file(s), or a fraction of train held out with the seed (e.g. 0.1)."
     )
-    format: Literal["alpaca", "prompt_response", "messages", "text"] | None = Field(
+    format: Literal["alpaca", "prompt_response", "messages", "text", "preference"] | None = Field(
         default=None, description="Row layout; detected from the first row's keys when omitted."
     )
     max_length: int = Field(default=512, ge=8, description="Maximum tokens per example; longer responses are cut.")
@@ -242,7 +242,8 @@ class LokrMethod(LohaMethod):
 class VirtualTokenMethod(Section):
     """Methods that train virtual tokens in front of every sequence; PEFT's forward then has to run the model."""
 
-    supports_packing: ClassVar[bool] = False  # PEFT drops the position ids that keep packed examples apart
+    supports_packing: ClassVar[bool] = False
+    no_packing_reason: ClassVar[str] = "PEFT drops the position ids that keep them apart"
     num_virtual_tokens: int = Field(default=20, ge=1, description="How many trained virtual tokens precede every sequence.")
 
 
@@ -262,9 +263,66 @@ class PromptTuningMethod(VirtualTokenMethod):
     )
 
 
-MethodConfig = Annotated[
+# The methods that train a causal LM on its own loss; preference methods below wrap one of them as their `adapter`.
+AdapterConfig = Annotated[
     FullMethod | FreezeMethod | LoraMethod | RsLoraMethod | DoraMethod | QLoraMethod | Ia3Method | LohaMethod | LokrMethod
     | PrefixTuningMethod | PromptTuningMethod,
+    Field(discriminator="name"),
+]
+
+
+class _PreferenceMethod(Section):
+    """Methods that learn from preference pairs (data.format: preference) and train through an inner `adapter`."""
+
+    name: str  # each method's Literal; declared first so that `name` leads in config.yaml
+    supports_packing: ClassVar[bool] = False
+    no_packing_reason: ClassVar[str] = "a preference pair is two whole conversations"
+    trains_on_pairs: ClassVar[bool] = True
+    adapter: AdapterConfig = Field(
+        default_factory=lambda: LoraMethod(name="lora"),
+        description="What trains, with that method's own keys: {name: lora, r: 16, ...} (default LoRA), {name: full}, "
+        "{name: qlora, ...} or any other method above.",
+    )
+
+    @property
+    def optim(self) -> str:
+        return getattr(self.adapter, "optim", "adamw")
+
+    @property
+    def supports_gradient_checkpointing(self) -> bool:
+        return getattr(self.adapter, "supports_gradient_checkpointing", True)
+
+
+class DpoMethod(_PreferenceMethod):
+    name: Literal["dpo"] = Field(
+        description="Direct preference optimization: raise the chosen reply's likelihood over the rejected one's, "
+        "relative to the frozen base model (the reference)."
+    )
+    beta: float = Field(default=0.1, gt=0, description="How far the policy may move from the reference (smaller: further).")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        default="sigmoid", description="sigmoid (DPO), ipo (squared, length-normalized log-ratios) or hinge (SLiC)."
+    )
+    label_smoothing: float = Field(
+        default=0.0, ge=0, lt=0.5, description="Assumed share of flipped preference labels (conservative DPO; sigmoid only)."
+    )
+
+    @model_validator(mode="after")
+    def _smoothing_is_for_sigmoid(self) -> DpoMethod:
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError(f"label_smoothing applies to loss_type: sigmoid only; remove it or use sigmoid (got {self.loss_type})")
+        return self
+
+
+class RewardMethod(_PreferenceMethod):
+    name: Literal["reward"] = Field(
+        description="Reward model: a scalar score head on the model, trained so that chosen replies outscore rejected "
+        "ones (Bradley-Terry loss); the first half of RLHF."
+    )
+
+
+MethodConfig = Annotated[
+    FullMethod | FreezeMethod | LoraMethod | RsLoraMethod | DoraMethod | QLoraMethod | Ia3Method | LohaMethod | LokrMethod
+    | PrefixTuningMethod | PromptTuningMethod | DpoMethod | RewardMethod,
     Field(discriminator="name"),
 ]
 # method name -> its section class, read off the union (each member's `name` is a one-value Literal)
@@ -272,6 +330,7 @@ METHOD_SECTIONS: dict[str, type[Section]] = {
     get_args(member.model_fields["name"].annotation)[0]: member for member in get_args(get_args(MethodConfig)[0])
 }
 METHOD_NAMES = tuple(METHOD_SECTIONS)
+ADAPTER_NAMES = tuple(name for name, section in METHOD_SECTIONS.items() if not issubclass(section, _PreferenceMethod))
 
 
 class EarlyStopping(Section):
@@ -537,8 +596,10 @@ def _fields_at(path: tuple[str, ...], data: dict) -> list[str]:
 
 
 def _section_type(annotation: Any, data: dict, path: tuple[str, ...]) -> Any:
-    if path == ("method",):
-        node = data.get("method") or {}
+    if path in (("method",), ("method", "adapter")):  # a method section: the class its `name` picks
+        node: Any = data
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
         name = node.get("name") if isinstance(node, dict) else None
         return METHOD_SECTIONS.get(name, LoraMethod)
     for candidate in getattr(annotation, "__args__", (annotation,)):
@@ -553,9 +614,7 @@ _UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|.*\[.*\])$")
 def _clean_loc(loc: tuple) -> tuple[str, ...]:
     """Drop what pydantic adds to locations inside unions: member types (`str`, `list[str]`) and method tags."""
     parts = [str(p) for p in loc if not _UNION_MEMBER.match(str(p))]
-    if len(parts) >= 2 and parts[0] == "method" and parts[1] in METHOD_NAMES:
-        del parts[1]
-    return tuple(parts)
+    return tuple(p for i, p in enumerate(parts) if not (i and parts[i - 1] in ("method", "adapter") and p in METHOD_NAMES))
 
 
 def format_validation_error(
@@ -582,13 +641,14 @@ def format_validation_error(
         return f"{prefix}{key}: unknown key; {hint}"
     if kind == "missing":
         return f"{prefix}{key}: required key is missing; add it (see configs/ for examples)"
+    names = ADAPTER_NAMES if loc[-1:] == ("adapter",) else METHOD_NAMES
     if kind == "union_tag_invalid":
         tag = e.get("ctx", {}).get("tag")
-        close = difflib.get_close_matches(str(tag), METHOD_NAMES, n=1, cutoff=0.4)
-        hint = f"did you mean '{close[0]}'?" if close else f"choose one of: {', '.join(METHOD_NAMES)}"
-        return f"{prefix}method.name: unknown method '{tag}'; {hint}"
+        close = difflib.get_close_matches(str(tag), names, n=1, cutoff=0.4)
+        hint = f"did you mean '{close[0]}'?" if close else f"choose one of: {', '.join(names)}"
+        return f"{prefix}{key}.name: unknown method '{tag}'; {hint}"
     if kind == "union_tag_not_found":
-        return f"{prefix}method.name: missing; choose one of: {', '.join(METHOD_NAMES)}"
+        return f"{prefix}{key}.name: missing; choose one of: {', '.join(names)}"
     msg = e["msg"]
     msg = msg.removeprefix("Value error, ")
     got = e.get("input")
@@ -643,6 +703,8 @@ def config_from_dict(data: dict, source: str = "config", lines: dict | None = No
         data["model"] = str(data["model"])
     if isinstance(data.get("method"), dict) and "name" not in data["method"]:
         data["method"]["name"] = "lora"  # the default method, so `method: {r: 8}` means LoRA with r=8
+    if isinstance(data.get("method"), dict) and isinstance(data["method"].get("adapter"), dict):
+        data["method"]["adapter"].setdefault("name", "lora")  # likewise inside dpo/reward
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as err:
@@ -661,9 +723,16 @@ def check_method_fits(cfg: RunConfig, source: str, lines: dict, overridden: set)
         TunelabError: `run.yaml:9: data.packing: prompt_tuning cannot train on packed rows; ...`.
     """
     name = cfg.method.name
+    pairs = getattr(cfg.method, "trains_on_pairs", False)
     checks = [
         (cfg.data.packing and not getattr(cfg.method, "supports_packing", True), ("data", "packing"),
-         f"{name} cannot train on packed rows (PEFT drops the position ids that keep them apart); set data.packing: false"),
+         f"{name} cannot train on packed rows ({getattr(cfg.method, 'no_packing_reason', '')}); set data.packing: false"),
+        (cfg.data.packing and cfg.data.format == "preference", ("data", "packing"),
+         "preference pairs cannot be packed (each pair is two whole conversations); set data.packing: false"),
+        (cfg.data.format is not None and pairs != (cfg.data.format == "preference"), ("data", "format"),
+         data_format_problem(name, pairs, cfg.data.format)),
+        (pairs and cfg.data.train_on_inputs, ("data", "train_on_inputs"),
+         f"{name} compares only the chosen and rejected replies; set data.train_on_inputs: false"),
         (cfg.training.gradient_checkpointing is True and not getattr(cfg.method, "supports_gradient_checkpointing", True),
          ("training", "gradient_checkpointing"),
          f"{name} does not work with gradient checkpointing (PEFT's restriction); set it to auto or false"),
@@ -673,6 +742,15 @@ def check_method_fits(cfg: RunConfig, source: str, lines: dict, overridden: set)
             line = lines.get(loc)
             prefix = "command-line override: " if loc in overridden else f"{source}:{line}: " if line else f"{source}: "
             raise TunelabError(f"{prefix}{'.'.join(loc)}: {problem}")
+
+
+def data_format_problem(method: str, pairs: bool, fmt: str) -> str:
+    """What is wrong when a method that trains on preference pairs meets other data, or the other way round."""
+    if pairs:
+        return (f"{method} trains on preference pairs, not '{fmt}' rows; give rows with prompt, chosen and rejected "
+                "(data.format: preference)")
+    return (f"preference rows train with method dpo or reward, not {method}; set method.name: dpo "
+            f"(with adapter: {{name: {method}, ...}}) or reward")
 
 
 def set_path(data: dict, path: str, value: Any) -> dict:

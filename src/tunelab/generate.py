@@ -19,28 +19,34 @@ def is_run_dir(path: Path) -> bool:
     return (path / "model").is_dir() and (path / "config.yaml").is_file()
 
 
-def load_for_inference(target: str | Path):
+def load_for_inference(target: str | Path, reward_model: bool = False):
     """Load (model, tokenizer) from a run directory, an HF model dir, a .gguf, a hub id or 'default'.
 
     For a LoRA run the base model is loaded and the adapter applied with PEFT; the tokenizer (with its chat template)
-    comes from the run, so generation formats prompts exactly as training did.
+    comes from the run, so generation formats prompts exactly as training did. A reward run (method reward) loads as a
+    sequence classifier with its score head, only when `reward_model` says the caller wants scores.
 
     Raises:
-        TunelabError: the target is not a run, a model, or the run has no final model yet.
+        TunelabError: the target is not a run, a model, or the run has no final model yet; a reward run where a
+            model that writes is wanted.
     """
     path = Path(str(target))
     if path.is_dir() and (path / "config.yaml").is_file():
         model_dir = path / "model"
         if not model_dir.is_dir():
             raise TunelabError(f"{path}: this run has no final model yet (interrupted?); resume it with `tunelab train {path / 'config.yaml'} --resume`")
+        import yaml
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        run_config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        method = run_config.get("method") if isinstance(run_config.get("method"), dict) else {}
+        if method.get("name") == "reward" and not reward_model:
+            raise TunelabError(f"{path}: a reward model scores replies and cannot write them; load it with "
+                               "AutoModelForSequenceClassification (see the README), or use a dpo or fine-tuning run here")
         if (model_dir / "adapter_config.json").is_file():
-            import yaml
             from peft import PeftModel
 
-            run_config = yaml.safe_load((path / "config.yaml").read_text()) or {}
             base_path = json.loads((model_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
             if not base_path or not Path(base_path).is_dir():  # e.g. the model cache was cleared: resolve the spec again
                 base_path = resolve_model(run_config.get("model")).path
@@ -48,7 +54,8 @@ def load_for_inference(target: str | Path):
             base = load_model(base_source, **_method_load_kwargs(run_config.get("method"), base_source))
             model = PeftModel.from_pretrained(base, str(model_dir))
         else:
-            model = load_model(resolve_model(str(model_dir)))
+            head = {"head": "score"} if method.get("name") == "reward" else {}
+            model = load_model(resolve_model(str(model_dir)), **head)  # a full reward model keeps its score head
     else:
         source = resolve_model(str(target))
         tokenizer = load_tokenizer(source)

@@ -76,6 +76,9 @@ def save_encoded(path: Path, rows: Sequence[Encoded]) -> None:
     }
     if packed:
         columns["position_ids"] = pa.array([e.position_ids for e in rows], type=pa.list_(pa.int32()))
+    if any(e.rejected_ids is not None for e in rows):  # preference pairs
+        columns["rejected_ids"] = pa.array([e.rejected_ids for e in rows], type=pa.list_(pa.int32()))
+        columns["rejected_labels"] = pa.array([e.rejected_labels for e in rows], type=pa.list_(pa.int32()))
     table = pa.table(columns)
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
@@ -94,6 +97,7 @@ class EncodedTable(Sequence):
             return col.offsets.to_numpy(), col.values.to_numpy()
 
         self._ids, self._labels, self._positions = flat("input_ids"), flat("labels"), flat("position_ids")
+        self._rejected_ids, self._rejected_labels = flat("rejected_ids"), flat("rejected_labels")
         self._sources = self.table.column("source").to_pylist()
         self._truncated = self.table.column("truncated").to_pylist()
         self._full = self.table.column("full_length").to_pylist()
@@ -113,10 +117,16 @@ class EncodedTable(Sequence):
         if not 0 <= i < len(self):
             raise IndexError(i)
         positions = self._list(self._positions, i) if self._positions is not None else None
+        pair = {}
+        if self._rejected_ids is not None:
+            pair = {"rejected_ids": self._list(self._rejected_ids, i), "rejected_labels": self._list(self._rejected_labels, i)}
         return Encoded(self._list(self._ids, i), self._list(self._labels, i), self._sources[i], self._truncated[i],
-                       positions, self._full[i])
+                       positions, self._full[i], **pair)
 
     def lengths(self) -> list[int]:
+        """Each row's `Encoded.batch_tokens`, without building the rows."""
+        if self._rejected_ids is not None:
+            return (2 * np.maximum(np.diff(self._ids[0]), np.diff(self._rejected_ids[0]))).tolist()
         return np.diff(self._ids[0]).tolist()
 
 

@@ -267,3 +267,10 @@ def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     if positions is not None:
         batch["position_ids"] = positions
     return batch
+
+
+def collate_pairs(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Preference pairs as one batch of 2n rows, `collate`d: the n chosen conversations, then the n rejected ones."""
+    chosen = [Encoded(e.input_ids, e.labels, e.source) for e in examples]
+    rejected = [Encoded(e.rejected_ids, e.rejected_labels, e.source) for e in examples]
+    return collate(chosen + rejected, pad_id)

@@ -1,4 +1,5 @@
-"""Data formats: each maps one row to an `Example` (a conversation, or raw text). Tokenizing is elsewhere.
+"""Data formats: each maps one row to an `Example` (a conversation, a preference pair, or raw text). Tokenizing is
+elsewhere.
 
 Adding a format is one function and one `register_format(...)` line. Formats validate their row and raise a
 `TunelabError` naming `file:line`, the field, the problem and the fix.
@@ -17,11 +18,16 @@ ROLES = ("system", "user", "assistant")
 
 @dataclass
 class Example:
-    """One training example: either chat `messages` (role, content, optional weight) or raw `text`."""
+    """One training example: either chat `messages` (role, content, optional weight) or raw `text`.
+
+    A preference pair (format `preference`) is two conversations with the same prompt: `messages` ends with the chosen
+    reply and `rejected` with the rejected one; only those two final replies carry weight 1.
+    """
 
     source: str
     messages: list[dict] = field(default_factory=list)
     text: str | None = None
+    rejected: list[dict] | None = None
 
 
 @dataclass(frozen=True)
@@ -91,9 +97,23 @@ def chat_messages(rec: Record) -> Example:
         raise TunelabError(f"{rec.where}: messages: expected a list of {{role, content}} objects, got {type(messages).__name__}")
     if not messages:
         raise TunelabError(f"{rec.where}: messages: empty conversation; add user and assistant turns or remove the row")
+    out = chat_turns(messages, f"{rec.where}: messages")
+    if not any(m["role"] == "assistant" for m in out):
+        raise TunelabError(f"{rec.where}: messages: no assistant message; nothing to learn from this row")
+    check_turn_order(out, f"{rec.where}: messages")
+    return Example(rec.where, out)
+
+
+def chat_turns(messages: list, where: str) -> list[dict]:
+    """Validate OpenAI-style chat turns (`where` names the list, e.g. `data.jsonl:3: messages`); return clean copies.
+
+    Raises:
+        TunelabError: a turn is not an object, has a bad role, a non-string or empty content, an unknown key or a bad
+            weight; a system message that is not first.
+    """
     out = []
     for i, m in enumerate(messages):
-        at = f"{rec.where}: messages[{i}]"
+        at = f"{where}[{i}]"
         if not isinstance(m, dict):
             raise TunelabError(f"{at}: expected an object with role and content, got {type(m).__name__}")
         role, content = m.get("role"), m.get("content")
@@ -116,10 +136,7 @@ def chat_messages(rec: Record) -> Example:
                 raise TunelabError(f"{at}.weight: only assistant messages carry a weight")
             msg["weight"] = int(m["weight"])
         out.append(msg)
-    if not any(m["role"] == "assistant" for m in out):
-        raise TunelabError(f"{rec.where}: messages: no assistant message; nothing to learn from this row")
-    check_turn_order(out, f"{rec.where}: messages")
-    return Example(rec.where, out)
+    return out
 
 
 def check_turn_order(messages: list[dict], at: str) -> None:
@@ -145,10 +162,62 @@ def raw_text(rec: Record) -> Example:
     return Example(rec.where, text=_text_field(rec, "text", "text"))
 
 
+def preference(rec: Record) -> Example:
+    """`prompt` (a string, or chat turns ending with a user turn) with a `chosen` and a `rejected` reply (each a string
+    or a one-message assistant list); optional `system` beside a string prompt."""
+    prompt = rec.row.get("prompt")
+    if prompt is None:
+        raise TunelabError(f"{rec.where}: prompt: missing field (format 'preference' needs {', '.join(FORMATS['preference'].required)})")
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise TunelabError(f"{rec.where}: prompt: empty; fill it in or remove the row")
+        turns = _system(rec) + [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, list):
+        if not prompt:
+            raise TunelabError(f"{rec.where}: prompt: empty conversation; give the prompt as a string or a list of turns ending with a user turn")
+        turns = chat_turns(prompt, f"{rec.where}: prompt")
+        check_turn_order(turns, f"{rec.where}: prompt")
+        if turns[-1]["role"] != "user":
+            raise TunelabError(f"{rec.where}: prompt[{len(turns) - 1}]: the prompt's last turn is {turns[-1]['role']!r}; "
+                               "end it with the user turn that chosen and rejected answer")
+        if "system" in rec.row:
+            raise TunelabError(f"{rec.where}: system: put the system message first in the prompt list instead")
+        turns = [{**t, "weight": 0} if t["role"] == "assistant" else t for t in turns]  # only the replies compared train
+    else:
+        raise TunelabError(f"{rec.where}: prompt: expected a string or a list of {{role, content}} turns, got {type(prompt).__name__}")
+    chosen, rejected = _reply(rec, "chosen"), _reply(rec, "rejected")
+    if chosen == rejected:
+        raise TunelabError(f"{rec.where}: rejected: the same text as chosen; a pair needs two different replies "
+                           "(fix one or remove the row)")
+    return Example(rec.where, turns + [{"role": "assistant", "content": chosen}],
+                   rejected=turns + [{"role": "assistant", "content": rejected}])
+
+
+def _reply(rec: Record, key: str) -> str:
+    """A preference reply: a string, or a list holding one assistant message (TRL's conversational layout)."""
+    value = rec.row.get(key)
+    if value is None:
+        raise TunelabError(f"{rec.where}: {key}: missing field (format 'preference' needs {', '.join(FORMATS['preference'].required)})")
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise TunelabError(f"{rec.where}: {key}: expected one assistant message, got a list of {len(value)}; "
+                               "give the reply as a string or [{\"role\": \"assistant\", \"content\": ...}]")
+        (turn,) = chat_turns(value, f"{rec.where}: {key}")
+        if turn["role"] != "assistant":
+            raise TunelabError(f"{rec.where}: {key}[0].role: a reply must be an assistant message, got {turn['role']!r}")
+        return turn["content"]
+    if not isinstance(value, str):
+        raise TunelabError(f"{rec.where}: {key}: expected a string or a one-message assistant list, got {type(value).__name__}")
+    if not value.strip():
+        raise TunelabError(f"{rec.where}: {key}: empty; fill it in or remove the row")
+    return value
+
+
 register_format(DataFormat("alpaca", ("instruction", "output"), alpaca))
 register_format(DataFormat("prompt_response", ("prompt", "response"), prompt_response))
 register_format(DataFormat("messages", ("messages",), chat_messages))
 register_format(DataFormat("text", ("text",), raw_text))
+register_format(DataFormat("preference", ("prompt", "chosen", "rejected"), preference))
 
 
 def detect_format(rec: Record) -> str:
@@ -158,13 +227,13 @@ def detect_format(rec: Record) -> str:
         TunelabError: no format fits the row's keys.
     """
     keys = set(rec.row)
-    for name in ("messages", "alpaca", "prompt_response", "text"):
+    for name in ("messages", "alpaca", "preference", "prompt_response", "text"):
         if set(FORMATS[name].required) <= keys:
             return name
     raise TunelabError(
         f"{rec.where}: cannot tell the data format from the keys {sorted(keys)}; "
         f"set data.format to one of {', '.join(FORMATS)} (fields: alpaca=instruction/input/output, "
-        "prompt_response=prompt/response, messages=messages, text=text)"
+        "prompt_response=prompt/response, messages=messages, text=text, preference=prompt/chosen/rejected)"
     )
 
 

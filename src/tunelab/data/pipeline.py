@@ -55,6 +55,8 @@ def to_example(rec: Record, fmt: str, system_prompt: str | None = None) -> Examp
     ex = FORMATS[fmt].to_example(rec)
     if system_prompt and ex.text is None and ex.messages[0]["role"] != "system":
         ex.messages.insert(0, {"role": "system", "content": system_prompt})
+        if ex.rejected is not None:
+            ex.rejected.insert(0, {"role": "system", "content": system_prompt})
     return ex
 
 
@@ -62,7 +64,8 @@ def example_text(ex: Example, with_system: bool = True) -> str:
     """The text two rows are compared by when deduplicating (roles included, so a question is not its own answer)."""
     if ex.text is not None:
         return ex.text
-    return "\n".join(f"{m['role']}: {m['content']}" for m in ex.messages if with_system or m["role"] != "system")
+    text = "\n".join(f"{m['role']}: {m['content']}" for m in ex.messages if with_system or m["role"] != "system")
+    return text if ex.rejected is None else f"{text}\nrejected: {ex.rejected[-1]['content']}"
 
 
 def rewrite_row(row: dict, transform: Callable[[str], tuple[str, Iterable[str] | Counter[str]]]) -> tuple[dict, Counter[str]]:
@@ -91,22 +94,27 @@ def map_strings(value, fn: Callable[[str], str]):
 
 def prompt_field(row: dict, fmt: str) -> str | None:
     """The prompt text that augmentation may rewrite (never the response: the label must stay right)."""
-    if fmt == "messages":
-        users = [m for m in row["messages"] if m.get("role") == "user"]
+    key = PROMPT_FIELDS[fmt]
+    if isinstance(row.get(key), list):  # chat turns (messages, or a preference prompt): the last user turn
+        users = [m for m in row[key] if m.get("role") == "user"]
         return users[-1]["content"] if users else None
-    return row.get({"alpaca": "instruction", "prompt_response": "prompt", "text": "text"}[fmt])
+    return row.get(key)
 
 
 def with_prompt(row: dict, fmt: str, text: str) -> dict:
     row = dict(row)
-    if fmt == "messages":
-        messages = [dict(m) for m in row["messages"]]
+    key = PROMPT_FIELDS[fmt]
+    if isinstance(row.get(key), list):
+        messages = [dict(m) for m in row[key]]
         last = max(i for i, m in enumerate(messages) if m.get("role") == "user")
         messages[last]["content"] = text
-        row["messages"] = messages
+        row[key] = messages
     else:
-        row[{"alpaca": "instruction", "prompt_response": "prompt", "text": "text"}[fmt]] = text
+        row[key] = text
     return row
+
+
+PROMPT_FIELDS = {"alpaca": "instruction", "prompt_response": "prompt", "preference": "prompt", "messages": "messages", "text": "text"}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -31,10 +31,20 @@ class Encoded:
     truncated: bool = False
     position_ids: list[int] | None = None  # set for packed rows: positions restart at 0 for each example
     full_length: int = 0  # tokens before truncation to max_length
+    # A preference pair: input_ids/labels are the prompt with the chosen reply, these the prompt with the rejected one.
+    rejected_ids: list[int] | None = None
+    rejected_labels: list[int] | None = None
 
     @property
     def n_trained(self) -> int:
         return sum(1 for x in self.labels if x != IGNORE)
+
+    @property
+    def batch_tokens(self) -> int:
+        """Padded tokens this example takes in a batch: its length, or for a pair two rows as wide as the longer one."""
+        if self.rejected_ids is None:
+            return len(self.input_ids)
+        return 2 * max(len(self.input_ids), len(self.rejected_ids))
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -68,9 +78,18 @@ def trained_char_spans(tokenizer, messages: list[dict], train_on_inputs: bool) -
 def encode_example(ex: Example, tokenizer, max_length: int, train_on_inputs: bool = False) -> list[Encoded]:
     """Tokenize one example; returns one `Encoded` (or several windows for long raw text).
 
+    A preference pair encodes its two conversations the same way, each with only its final reply trained, into one
+    `Encoded` that carries the rejected side in `rejected_ids`/`rejected_labels`.
+
     Raises:
         TunelabError: the prompt alone exceeds max_length, or nothing in the example is trained.
     """
+    if ex.rejected is not None:
+        (chosen,) = encode_example(Example(ex.source, ex.messages), tokenizer, max_length)
+        (rejected,) = encode_example(Example(ex.source, ex.rejected), tokenizer, max_length)
+        return [Encoded(chosen.input_ids, chosen.labels, ex.source, chosen.truncated or rejected.truncated,
+                        full_length=max(chosen.full_length, rejected.full_length),
+                        rejected_ids=rejected.input_ids, rejected_labels=rejected.labels)]
     if ex.text is not None:
         ids = tokenizer(ex.text, add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:

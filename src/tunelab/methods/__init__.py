@@ -3,9 +3,13 @@
 A method is one function `attach(model, cfg) -> model` registered under its config name; the loop only sees a model
 whose trainable parameters have `requires_grad=True`. Adding a method is one module and one `register_method` line.
 
-A method that needs the base model loaded differently (qlora: 4-bit weights) also registers `load_kwargs(cfg, source,
-device) -> dict`: extra `from_pretrained` keyword arguments, asked for before the weights load, so it is also where a
-method checks what it can from the model's config.json and raises `TunelabError` before any time is spent.
+A method that needs the base model loaded differently (qlora: 4-bit weights; reward: a score head) also registers
+`load_kwargs(cfg, source, device) -> dict`: extra `load_model` keyword arguments, asked for before the weights load, so
+it is also where a method checks what it can from the model's config.json and raises `TunelabError` before any time
+is spent.
+
+A method that trains on something other than next-token cross-entropy (dpo, reward) registers
+`objective(cfg, model, tokenizer, dtype) -> Objective` (train/objective.py): how its batches are collated and scored.
 """
 
 from __future__ import annotations
@@ -17,14 +21,19 @@ from torch import nn
 
 MethodFn = Callable[[nn.Module, object], nn.Module]
 LoadKwargsFn = Callable[[object, object, torch.device], dict]
+ObjectiveFn = Callable[[object, nn.Module, object, object], object]  # (cfg, model, tokenizer, autocast dtype)
 METHODS: dict[str, MethodFn] = {}
 LOAD_KWARGS: dict[str, LoadKwargsFn] = {}
+OBJECTIVES: dict[str, ObjectiveFn] = {}
 
 
-def register_method(name: str, attach: MethodFn, load_kwargs: LoadKwargsFn | None = None) -> None:
+def register_method(name: str, attach: MethodFn, load_kwargs: LoadKwargsFn | None = None,
+                    objective: ObjectiveFn | None = None) -> None:
     METHODS[name] = attach
     if load_kwargs is not None:
         LOAD_KWARGS[name] = load_kwargs
+    if objective is not None:
+        OBJECTIVES[name] = objective
 
 
 def attach_method(model: nn.Module, cfg) -> nn.Module:
@@ -42,6 +51,17 @@ def method_load_kwargs(cfg, source, device: torch.device) -> dict:
     return hook(cfg, source, device) if hook is not None else {}
 
 
+def build_objective(cfg, model: nn.Module, tokenizer, dtype: torch.dtype | None):
+    """The training objective of method `cfg` for the attached `model` (next-token cross-entropy unless the method
+    registered its own). Built before any weight is trained: a reference model is taken from the weights as they are."""
+    hook = OBJECTIVES.get(cfg.name)
+    if hook is None:
+        from tunelab.train.objective import Objective
+
+        return Objective()
+    return hook(cfg, model, tokenizer, dtype)
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, counting tied weights once."""
     seen: set[int] = set()
@@ -55,10 +75,12 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-from tunelab.methods import freeze, full, peft_adapters, qlora
+from tunelab.methods import dpo, freeze, full, peft_adapters, qlora, reward
 
 register_method("full", full.attach)
 register_method("freeze", freeze.attach)
 for _name in ("lora", "rslora", "dora", "ia3", "loha", "lokr", "prefix_tuning", "prompt_tuning"):
     register_method(_name, peft_adapters.attach, peft_adapters.check_model_config)
 register_method("qlora", qlora.attach, qlora.load_kwargs)
+register_method("dpo", dpo.attach, dpo.load_kwargs, dpo.objective)
+register_method("reward", reward.attach, reward.load_kwargs, reward.objective)

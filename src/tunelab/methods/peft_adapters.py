@@ -68,8 +68,9 @@ ADAPTERS: dict[str, tuple[str, Callable[..., dict]]] = {
 VIRTUAL_TOKENS = ("prefix_tuning", "prompt_tuning")
 
 
-def peft_config(cfg, model_path: str):
-    """The `peft` config object for the method section `cfg` on the base model in `model_path`.
+def peft_config(cfg, model_path: str, task_type: str = "CAUSAL_LM"):
+    """The `peft` config object for the method section `cfg` on the base model in `model_path` (task_type SEQ_CLS for
+    a model with a score head: PEFT then trains and saves the head in full).
 
     Raises:
         TunelabError: PEFT rejects the combination of settings (e.g. feedforward_modules outside target_modules).
@@ -78,12 +79,12 @@ def peft_config(cfg, model_path: str):
 
     class_name, build = ADAPTERS[cfg.name]
     try:
-        return getattr(peft, class_name)(task_type="CAUSAL_LM", **build(cfg, model_path))
+        return getattr(peft, class_name)(task_type=task_type, **build(cfg, model_path))
     except ValueError as exc:
         raise TunelabError(f"method.{_field_named(str(exc), cfg)}: {_first_line(exc)}") from None
 
 
-def attach(model: nn.Module, cfg) -> nn.Module:
+def attach(model: nn.Module, cfg, task_type: str = "CAUSAL_LM") -> nn.Module:
     """Wrap `model` with the PEFT adapter `cfg` describes; only the adapter's parameters train.
 
     Raises:
@@ -91,7 +92,7 @@ def attach(model: nn.Module, cfg) -> nn.Module:
     """
     from peft import get_peft_model
 
-    config = peft_config(cfg, model.name_or_path)
+    config = peft_config(cfg, model.name_or_path, task_type)
     try:
         return get_peft_model(model, config)
     except ValueError as exc:

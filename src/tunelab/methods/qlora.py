@@ -63,7 +63,7 @@ def load_kwargs(cfg, source, device: torch.device) -> dict:
     )}
 
 
-def attach(model: nn.Module, cfg) -> nn.Module:
+def attach(model: nn.Module, cfg, task_type: str = "CAUSAL_LM") -> nn.Module:
     """LoRA on a model `load_model` loaded with `load_kwargs(cfg, ...)`.
 
     Raises:
@@ -76,5 +76,5 @@ def attach(model: nn.Module, cfg) -> nn.Module:
                            "load_model(source, **method_load_kwargs(cfg, source, device))")
     # The loop decides on gradient checkpointing itself (PEFT's default would always turn it on).
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return peft_adapters.attach(model, cfg)
+    return peft_adapters.attach(model, cfg, task_type)
 

@@ -11,6 +11,7 @@ A GGUF is dequantized to float32 by transformers once and saved as a safetensors
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -182,28 +183,50 @@ def _reachable(host: str) -> bool:
         return False
 
 
-def load_model(source: ModelSource, dtype=None, **method_kwargs):
-    """Load the causal LM in float32 (master weights) unless a dtype is given.
+def load_model(source: ModelSource, dtype=None, head: str = "lm", **method_kwargs):
+    """Load the causal LM in float32 (master weights) unless a dtype is given; with `head="score"` the same checkpoint
+    as a sequence classifier with one output (a reward model: a new linear `score` head on the decoder).
 
     `method_kwargs` are extra `from_pretrained` arguments a method asks for (`methods.method_load_kwargs`), e.g. qlora's
     4-bit `quantization_config`."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs = {"dtype": dtype or torch.float32, **method_kwargs}
+    auto = AutoModelForCausalLM
+    if head == "score":
+        auto, kwargs = AutoModelForSequenceClassification, {"num_labels": 1, **kwargs}
     try:
         try:
-            return _settle_4bit(AutoModelForCausalLM.from_pretrained(source.path, local_files_only=True, **kwargs))
+            with _quiet_new_head(head):
+                return _settle_4bit(auto.from_pretrained(source.path, local_files_only=True, **kwargs))
         except OSError:
             if source.kind != "hub" or _offline():
                 raise
-            return _settle_4bit(AutoModelForCausalLM.from_pretrained(source.path, **kwargs))
+            with _quiet_new_head(head):
+                return _settle_4bit(auto.from_pretrained(source.path, **kwargs))
     except OSError:
         if source.kind == "hub":
             raise _hub_error(source.spec) from None
         raise TunelabError(f"model: '{source.spec}': cannot load the weights; check the directory has model.safetensors") from None
     except ValueError as exc:
         raise TunelabError(f"model: '{source.spec}': not a causal language model transformers can train ({str(exc).splitlines()[0][:160]})") from None
+
+
+@contextlib.contextmanager
+def _quiet_new_head(head: str):
+    """A score head is new by design: transformers' report that `score.weight` was missing says nothing to act on."""
+    if head == "lm":
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _settle_4bit(model):

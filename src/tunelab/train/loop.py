@@ -29,7 +29,6 @@ from tunelab.data.dataset import (
     PreparedData,
     batches_of,
     budget_chunks,
-    collate,
     copy_prepared,
     epoch_order,
     length_grouped_batches,
@@ -37,9 +36,9 @@ from tunelab.data.dataset import (
     prepare_data,
     token_budget_batches,
 )
-from tunelab.data.tokenize import IGNORE, Encoded
+from tunelab.data.tokenize import Encoded
 from tunelab.errors import TunelabError
-from tunelab.methods import attach_method, count_parameters, method_load_kwargs
+from tunelab.methods import attach_method, build_objective, count_parameters, method_load_kwargs
 from tunelab.models.loading import ModelSource, load_model, load_tokenizer, resolve_model
 from tunelab.train.checkpoint import (
     clean_partial,
@@ -51,8 +50,8 @@ from tunelab.train.checkpoint import (
     trainable_state,
 )
 from tunelab.train.distributed import LossModule, init_distributed
-from tunelab.train.loss import causal_lm_loss
 from tunelab.train.memory import CPU_MICRO_BATCH_TOKENS, plan_memory, return_freed_memory
+from tunelab.train.objective import Objective, check_data_format
 from tunelab.train.precision import autocast, pick_device, pick_precision, share_input_casts, store_frozen_in
 from tunelab.train.progress import TrainProgress
 from tunelab.train.run_dir import MetricsLog, plot_loss, write_json_atomic
@@ -81,31 +80,35 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def evaluate_loss(model, examples: list[Encoded], batch_size: int, pad_id: int, device, dtype) -> float:
-    """Token-weighted mean loss over examples (batched by length so padding is small)."""
-    total, count = loss_totals(model, examples, batch_size, pad_id, device, dtype)
+def evaluate_loss(model, examples: list[Encoded], batch_size: int, pad_id: int, device, dtype,
+                  objective: Objective | None = None) -> float:
+    """Mean loss per unit over examples (per trained token for the causal LM loss; batched by length so padding is
+    small)."""
+    total, count = loss_totals(model, examples, batch_size, pad_id, device, dtype, objective)
     return total / max(count, 1)
 
 
 @torch.no_grad()
-def loss_totals(model, examples: list[Encoded], batch_size: int, pad_id: int, device, dtype) -> tuple[float, int]:
-    """(summed token loss, trained tokens) over examples.
+def loss_totals(model, examples: list[Encoded], batch_size: int, pad_id: int, device, dtype,
+                objective: Objective | None = None, stats: dict[str, float] | None = None) -> tuple[float, int]:
+    """(summed loss, units: trained tokens or pairs) over examples; the objective's metric sums go into `stats`.
 
     Batches hold examples of similar length, at most `batch_size` of them; on a CPU also at most ~512 padded tokens,
     since bigger activations fall out of the cache there (16 rows at a time ran slower than one row at a time)."""
+    objective = objective or Objective()
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    lengths = [len(e.input_ids) for e in examples]
+    lengths = [e.batch_tokens for e in examples]
     order = sorted(range(len(examples)), key=lambda i: -lengths[i])
     if device.type == "cpu":
         chunks = budget_chunks(order, lengths, CPU_MICRO_BATCH_TOKENS, batch_size)
     else:
         chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for chunk in chunks:
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in chunk], pad_id).items()}
+        batch = {k: v.to(device) for k, v in objective.collate([examples[i] for i in chunk], pad_id).items()}
         with autocast(device, dtype):
-            loss, n = causal_lm_loss(model, batch)
+            loss, n = objective.loss(model, batch, stats)
         total, count = total + float(loss), count + n
     model.train(was_training)
     return total, count
@@ -125,7 +128,8 @@ def check_run(cfg: RunConfig, resume: bool | str | None = None) -> None:
     source = resolve_model(cfg.model)
     method_load_kwargs(cfg.method, source, pick_device(cfg.training.device))
     open_trackers(cfg)
-    prepare_data(cfg.data, load_tokenizer(source), cfg.training.seed, base=source)
+    data = prepare_data(cfg.data, load_tokenizer(source), cfg.training.seed, base=source)
+    check_data_format(cfg.method, data.format)
     _prepare_run_dir(cfg, cfg.resume if resume is None else resume, dry_run=True)
 
 
@@ -192,7 +196,8 @@ def plan_steps(data: PreparedData, cfg) -> tuple[int, int]:
 
 
 def train_lengths(data: PreparedData) -> list[int]:
-    return data.train.lengths() if hasattr(data.train, "lengths") else [len(e.input_ids) for e in data.train]
+    """Padded tokens of each training example in a batch (a preference pair counts both of its rows)."""
+    return data.train.lengths() if hasattr(data.train, "lengths") else [e.batch_tokens for e in data.train]
 
 
 def save_model(model, tokenizer, out: Path) -> None:
@@ -237,6 +242,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
     trackers = open_trackers(cfg) if dist.main else Trackers({})
     tokenizer = load_tokenizer(source)
     data = dist.main_first(lambda: prepare_data(cfg.data, tokenizer, t.seed, base=source))  # one cache write
+    check_data_format(cfg.method, data.format)
     dtype = pick_precision(t.precision, device)
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     run_dir, checkpoint = dist.on_main(lambda: _prepare_run_dir(cfg, resume))
@@ -250,6 +256,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
         store_frozen_in(model, dtype)
     if dtype is not None:
         share_input_casts(model, dtype)
+    objective = build_objective(cfg.method, model, tokenizer, dtype)  # what a step optimizes; before any weight moves
     lengths = train_lengths(data)
     micro_tokens, checkpointing, memory_plan = plan_memory(
         t.micro_batch_tokens, t.gradient_checkpointing if getattr(cfg.method, "supports_gradient_checkpointing", True) else False,
@@ -262,12 +269,12 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
     per_epoch, total_steps = plan_steps(data, t)
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total_steps)
     optimizer = _optimizer(model, t, getattr(cfg.method, "optim", "adamw"))
-    step_model = _ModelLoss(model)
+    step_model = _ModelLoss(model, objective.loss)
     if dist.active:  # DDP (or FSDP/DeepSpeed) wraps the loss so that its hooks see every trainable parameter
         if t.distributed.strategy == "ddp":
-            step_model = dist.accelerator.prepare(LossModule(model, causal_lm_loss))
+            step_model = dist.accelerator.prepare(LossModule(model, objective.loss))
         else:
-            step_model, optimizer = dist.accelerator.prepare(LossModule(model, causal_lm_loss), optimizer)
+            step_model, optimizer = dist.accelerator.prepare(LossModule(model, objective.loss), optimizer)
     scheduler = build_scheduler(optimizer, total_steps, warmup, t.schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # loss scaling for fp16 only
     pad_id = tokenizer.pad_token_id
@@ -298,13 +305,18 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
     for warning in data.warnings:
         progress.note(f"[yellow]warning:[/yellow] {escape(warning)}")
 
-    def evaluate() -> float | None:
+    def evaluate() -> dict[str, float] | None:
+        """{"eval_loss": mean loss per unit, "eval_<stat>": the objective's metrics per unit}, or None without data."""
         if not data.validation:
             return None
-        if not dist.active:
-            return evaluate_loss(model, data.validation, t.batch_size, pad_id, device, dtype)
-        total, count = dist.sum(*loss_totals(model, dist.shard(list(data.validation)), t.batch_size, pad_id, device, dtype))
-        return total / max(count, 1)
+        names = objective.metric_names  # fixed, so that ranks without validation rows sum the same values
+        stats = dict.fromkeys(names, 0.0)
+        examples = dist.shard(list(data.validation)) if dist.active else data.validation
+        total, count = loss_totals(model, examples, t.batch_size, pad_id, device, dtype, objective, stats)
+        if dist.active:
+            total, count, *sums = dist.sum(total, count, *(stats[k] for k in names))
+            stats = dict(zip(names, sums))
+        return {"eval_loss": total / max(count, 1), **{f"eval_{k}": stats[k] / max(count, 1) for k in names}}
 
     def checkpoint_now() -> None:
         rngs = dist.gather(rng_state()) if dist.active else None  # every rank's dropout stream, for an exact resume
@@ -313,8 +325,9 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
                             rng_ranks=rngs)
 
     if t.eval_at_start and checkpoint is None and data.validation:
-        state["initial_eval"] = evaluate()
-        log.log({"step": 0, "eval_loss": round(state["initial_eval"], 6)})
+        metrics = evaluate()
+        state["initial_eval"] = metrics["eval_loss"]
+        log.log({"step": 0, **{k: round(v, 6) for k, v in metrics.items()}})
         progress.note(f"eval loss before training: {state['initial_eval']:.4f}")
 
     step_delay = float(os.environ.get("TUNELAB_STEP_DELAY", "0") or 0)  # crash-recovery tests kill a slowed run
@@ -332,9 +345,9 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
                 # (a batch smaller than the group) still runs one example at weight 0 to join the gradient all-reduce.
                 mine = [part for part in (dist.shard(b) for b in step_batches) if part]
                 idle = not mine
-                batches = [collate([data.train[i] for i in mb], pad_id)
+                batches = [objective.collate([data.train[i] for i in mb], pad_id)
                            for b in (mine or [step_batches[0][:1]]) for mb in micro_batches(b, lengths, micro_tokens)]
-                n_trained = 0 if idle else sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+                n_trained = 0 if idle else sum(objective.count(b) for b in batches)
                 n_trained = max(1, int(dist.sum(n_trained)[0]))
                 loss_sum, tokens = 0.0, 0
                 for k, batch in enumerate(batches):
@@ -344,7 +357,8 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
                             loss, _ = step_model(batch)
                         if idle:
                             loss = loss * 0.0
-                        # DDP averages the ranks' gradients: each scales by world / global tokens -> the token mean.
+                        # DDP averages the ranks' gradients: each scales by world / global units -> the mean per
+                        # trained token (or pair).
                         scaler.scale(loss / (n_trained / dist.world)).backward()
                     loss_sum += float(loss.detach())
                     tokens += 0 if idle else int(batch["attention_mask"].sum())
@@ -377,10 +391,10 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
                 end_of_epoch = state["step_in_epoch"] == len(steps)
                 done = state["step"] >= total_steps
                 if (t.eval_every and state["step"] % t.eval_every == 0) or end_of_epoch or done:
-                    eval_loss = evaluate()
-                    if eval_loss is not None:
-                        state["last_eval"] = eval_loss
-                        record["eval_loss"] = round(eval_loss, 6)
+                    metrics = evaluate()
+                    if metrics is not None:
+                        eval_loss = state["last_eval"] = metrics["eval_loss"]
+                        record.update({k: round(v, 6) for k, v in metrics.items()})
                         improved = state["best_eval"] is None or eval_loss < state["best_eval"] - (t.early_stopping.min_delta if t.early_stopping else 0.0)
                         if improved:
                             state["best_eval"], state["bad_evals"] = eval_loss, 0
@@ -444,7 +458,8 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
         "tokens_per_s": round(state["tokens"] / max(state["elapsed"], 1e-9), 1),
         "final_train_loss": train_losses[-1] if train_losses else last_train_loss,
         "final_eval_loss": _round(final_eval),
-        "eval_perplexity": round(math.exp(final_eval), 4) if final_eval is not None else None,
+        "eval_perplexity": round(math.exp(final_eval), 4) if final_eval is not None and objective.unit == "token" else None,
+        "loss_unit": objective.unit,
         "initial_eval_loss": _round(state.get("initial_eval")),
         "best_eval_loss": _round(state["best_eval"]),
         "precision": precision,
@@ -463,13 +478,14 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
 
 
 class _ModelLoss:
-    """The single-process step: the loss called on the model as it is (no wrapper)."""
+    """The single-process step: the objective's loss called on the model as it is (no wrapper)."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, loss_fn) -> None:
         self.model = model
+        self.loss_fn = loss_fn
 
     def __call__(self, batch):
-        return causal_lm_loss(self.model, batch)
+        return self.loss_fn(self.model, batch)
 
 
 class _NoLog:

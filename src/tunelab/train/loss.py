@@ -5,6 +5,10 @@ it runs chunk by chunk inside one autograd function that also computes the chunk
 cross-entropy, in plain PyTorch): a `trained tokens x vocabulary` tensor never exists, in the forward or the backward
 (for a 49k vocabulary and 2k trained tokens that is 400 MB in fp32, more than the rest of a LoRA step's activations).
 Returns the summed loss and the token count so gradient accumulation can normalise by the tokens of the whole step.
+
+Preference objectives need each row's summed log-probability instead of one sum (`sequence_log_probs`); their fused
+head (`linear_log_probs`) returns per-token log-probabilities and recomputes the chunk's logits in the backward pass,
+since how much each token's gradient counts is only known once the rows' log-probabilities have met in the loss.
 """
 
 from __future__ import annotations
@@ -114,6 +118,82 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     gradients for `hidden` and, when it requires them, `weight`), in the autocast precision when autocast is on."""
     chunk_rows = max(1, chunk_elements // weight.shape[0])
     return _LinearCrossEntropy.apply(hidden, weight, targets, softcap, chunk_rows, torch.is_grad_enabled())
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    """log_softmax(hidden_i @ weight.T)[target_i] for every row i, chunk by chunk; the backward recomputes each chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, softcap, chunk_rows):
+        dtype = _compute_dtype(hidden.device.type, hidden.dtype)
+        w = weight.to(dtype)
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse_all = torch.empty_like(out)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            logits = _capped(hidden[start : start + chunk_rows].to(dtype) @ w.T, softcap)
+            lse = torch.logsumexp(logits, dim=-1)
+            t = targets[start : start + chunk_rows]
+            out[start : start + chunk_rows] = logits.gather(1, t[:, None]).squeeze(1) - lse
+            lse_all[start : start + chunk_rows] = lse
+        ctx.save_for_backward(hidden, weight, targets, lse_all)
+        ctx.softcap, ctx.chunk_rows, ctx.dtype = softcap, chunk_rows, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets, lse_all = ctx.saved_tensors
+        softcap, dtype = ctx.softcap, ctx.dtype
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(dtype)
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        for start in range(0, hidden.shape[0], ctx.chunk_rows):
+            rows = slice(start, start + ctx.chunk_rows)
+            h = hidden[rows].to(dtype)
+            raw = (h @ w.T).float()
+            # d logp / d logits = onehot(target) - softmax, times each row's upstream gradient
+            d_logits = (_capped(raw, softcap) - lse_all[rows, None]).exp_().neg_()
+            t = targets[rows]
+            d_logits[torch.arange(t.shape[0], device=t.device), t] += 1
+            d_logits *= grad_out[rows, None]
+            if softcap:
+                d_logits *= 1 - torch.tanh(raw / softcap) ** 2
+            d_logits = d_logits.to(dtype)
+            if want_h:
+                grad_h[rows] = d_logits @ w
+            if want_w:
+                grad_w += (d_logits.T @ h).float()
+        return grad_h, grad_w.to(weight.dtype) if grad_w is not None else None, None, None, None
+
+
+def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    logits = logits.float()
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
+def linear_log_probs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None = None,
+                     chunk_elements: int = 1 << 24) -> torch.Tensor:
+    """Per-row log-probability of `targets` under `hidden @ weight.T` (float32), never holding more than
+    ~`chunk_elements` logits at once. Equal to `F.log_softmax(F.linear(hidden, weight).float(), -1)` gathered at the
+    targets, with gradients for `hidden` and (when it requires them) `weight`."""
+    chunk_rows = max(1, chunk_elements // weight.shape[0])
+    return _LinearLogProbs.apply(hidden, weight, targets, softcap, chunk_rows)
+
+
+def sequence_log_probs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each row's summed log-probability of its trained tokens (labels != IGNORE), float32, one value per row."""
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    decoder, head, softcap = _backbone_and_head(model)
+    if decoder is None or not _plain_linear(head):
+        selected = logits_where(model, inputs, keep, shift=True).float()
+        token = -F.cross_entropy(selected, labels[keep], reduction="none")
+    else:
+        hidden = decoder(**inputs).last_hidden_state[:, :-1][keep]
+        token = linear_log_probs(hidden, head.weight, labels[keep], softcap)
+    rows = keep.nonzero()[:, 0]
+    return torch.zeros(keep.shape[0], dtype=torch.float32, device=token.device).index_add(0, rows, token)
 
 
 def logits_where(model, inputs: dict, keep: torch.Tensor, shift: bool = False) -> torch.Tensor:

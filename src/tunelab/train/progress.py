@@ -61,9 +61,11 @@ class TrainProgress:
         if self.quiet:
             return
         ev = summary.get("final_eval_loss")
-        ev_text = f", eval loss {ev:.4f} (ppl {summary['eval_perplexity']:.2f})" if ev is not None else ""
+        ppl = summary.get("eval_perplexity")
+        ev_text = f", eval loss {ev:.4f}" + (f" (ppl {ppl:.2f})" if ppl is not None else "") if ev is not None else ""
         self.console.print(
             f"[green]done[/green] {summary['steps']} steps in {summary['wall_time_s']:.1f}s, "
             f"{summary['tokens_per_s']:.0f} tok/s, train loss {summary['final_train_loss']:.4f}{ev_text} -> {run_dir}"
         )
-        self.console.print(f"[dim]next: tunelab chat {run_dir}  |  tunelab generate {run_dir} -p \"...\"[/dim]", highlight=False)
+        if summary.get("method") != "reward":  # a reward model scores replies; it does not chat
+            self.console.print(f"[dim]next: tunelab chat {run_dir}  |  tunelab generate {run_dir} -p \"...\"[/dim]", highlight=False)
