@@ -102,7 +102,7 @@ def test_bad_data_fails_before_launching(tmp_path, ddp_config):
 
 
 def test_launch_command_and_single_process_dist():
-    cmd, _ = distributed.launch_command(Path("run.yaml"), ["training.epochs=1"], 1, resume=True)
+    cmd = distributed.launch_command(Path("run.yaml"), ["training.epochs=1"], 1, resume=True)
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
     assert cmd[-5:] == ["tunelab", "train", "run.yaml", "training.epochs=1", "--resume"]
     with pytest.raises(Exception, match="--main-process-ip"):

@@ -100,7 +100,7 @@ def train(
             from tunelab.train.loop import check_run
 
             nproc = 1 if nproc is None else nproc
-            command, env = distributed.launch_command(
+            command = distributed.launch_command(
                 config, list(overrides or []), nproc, resume=resume, quiet=quiet, device=cfg.training.device,
                 num_machines=num_machines, machine_rank=machine_rank, main_process_ip=main_process_ip,
                 main_process_port=main_process_port)
@@ -108,7 +108,7 @@ def train(
                 check_run(cfg, resume=True if resume else None)  # bad data or run dir: exit 2 here, not in N processes
                 import subprocess
 
-                raise typer.Exit(subprocess.call(command, env=env))
+                raise typer.Exit(subprocess.call(command))
         from tunelab.train.loop import train as run_train
 
         run_train(cfg, resume=True if resume else None, quiet=quiet)

@@ -175,10 +175,11 @@ def _report(source: ExportSource, source_row: dict, probe, artifacts: list[Artif
 
     from tunelab import __version__
     from tunelab.export.parity import GREEDY_NEW_TOKENS
+    from tunelab.train.run_dir import round_metric
 
     warnings = _warnings(artifacts)
     base_loss = source_row["eval_loss"]
-    source_row = {**source_row, "eval_loss": None if base_loss is None else round(base_loss, 6),
+    source_row = {**source_row, "eval_loss": round_metric(base_loss),
                   "size_mb": round(source_row["size_bytes"] / 1e6, 2)}
     return {
         "target": source.target,

@@ -16,6 +16,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.export.parity import Probe, measure_model
+from tunelab.train.run_dir import round_metric
 
 QUANTIZE_CHOICES = ("int8", "int8-dynamic", "nf4")
 ONNX_QUANTIZE = ("int8", "int8-dynamic")  # quantize the ONNX graph (imply --onnx)
@@ -84,12 +85,8 @@ class Artifact:
         return {"format": self.format, "path": self.path, "size_bytes": self.size_bytes,
                 "size_mb": round(self.size_bytes / 1e6, 2),
                 "max_abs_logit_diff": self.max_abs_logit_diff, "top1_agreement": round(self.top1_agreement, 6),
-                "ms_per_forward": round(self.ms_per_forward, 2), "eval_loss": _round(self.eval_loss), "eval_loss_change": change,
+                "ms_per_forward": round(self.ms_per_forward, 2), "eval_loss": round_metric(self.eval_loss), "eval_loss_change": change,
                 "lossless": self.lossless, **self.notes}
-
-
-def _round(x: float | None) -> float | None:
-    return None if x is None else round(x, 6)
 
 
 @dataclass

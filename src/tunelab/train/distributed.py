@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,8 +45,8 @@ def device_slots(device: str = "auto") -> tuple[int, str]:
 
 def launch_command(config: Path, overrides: list[str], nproc: int, *, resume: bool = False, quiet: bool = False,
                    device: str = "auto", num_machines: int = 1, machine_rank: int = 0,
-                   main_process_ip: str | None = None, main_process_port: int = 0) -> tuple[list[str], dict[str, str]]:
-    """The `accelerate launch` command (and environment) that runs `tunelab train` in `nproc` processes per machine.
+                   main_process_ip: str | None = None, main_process_port: int = 0) -> list[str]:
+    """The `accelerate launch` command that runs `tunelab train` in `nproc` processes per machine.
 
     Raises:
         TunelabError: nproc below 1 or above the processes this machine can run side by side.
@@ -69,13 +68,7 @@ def launch_command(config: Path, overrides: list[str], nproc: int, *, resume: bo
     cmd += ["-m", "tunelab", "train", str(config), *overrides]
     cmd += ["--resume"] if resume else []
     cmd += ["--quiet"] if quiet else []
-    return cmd, dict(os.environ)
-
-
-def launch(config: Path, overrides: list[str], nproc: int, **kwargs) -> int:
-    """Run `tunelab train` in `nproc` processes and wait; returns the exit code of the group."""
-    cmd, env = launch_command(config, overrides, nproc, **kwargs)
-    return subprocess.call(cmd, env=env)
+    return cmd
 
 
 @dataclass

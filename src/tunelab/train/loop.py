@@ -54,13 +54,9 @@ from tunelab.train.memory import CPU_MICRO_BATCH_TOKENS, plan_memory, return_fre
 from tunelab.train.objective import Objective, check_data_format
 from tunelab.train.precision import autocast, pick_device, pick_precision, share_input_casts, store_frozen_in
 from tunelab.train.progress import TrainProgress
-from tunelab.train.run_dir import MetricsLog, plot_loss, write_json_atomic
+from tunelab.train.run_dir import MetricsLog, plot_loss, round_metric, write_json_atomic
 from tunelab.train.schedule import build_scheduler
 from tunelab.train.tracking import Trackers, open_trackers
-
-
-def _round(x: float | None) -> float | None:
-    return None if x is None else round(x, 6)
 
 
 @dataclass
@@ -269,12 +265,12 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
     per_epoch, total_steps = plan_steps(data, t)
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total_steps)
     optimizer = _optimizer(model, t, getattr(cfg.method, "optim", "adamw"))
-    step_model = _ModelLoss(model, objective.loss)
+    step_model = LossModule(model, objective.loss)
     if dist.active:  # DDP (or FSDP/DeepSpeed) wraps the loss so that its hooks see every trainable parameter
         if t.distributed.strategy == "ddp":
-            step_model = dist.accelerator.prepare(LossModule(model, objective.loss))
+            step_model = dist.accelerator.prepare(step_model)
         else:
-            step_model, optimizer = dist.accelerator.prepare(LossModule(model, objective.loss), optimizer)
+            step_model, optimizer = dist.accelerator.prepare(step_model, optimizer)
     scheduler = build_scheduler(optimizer, total_steps, warmup, t.schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # loss scaling for fp16 only
     pad_id = tokenizer.pad_token_id
@@ -457,11 +453,11 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
         "wall_time_s": round(wall, 2),
         "tokens_per_s": round(state["tokens"] / max(state["elapsed"], 1e-9), 1),
         "final_train_loss": train_losses[-1] if train_losses else last_train_loss,
-        "final_eval_loss": _round(final_eval),
+        "final_eval_loss": round_metric(final_eval),
         "eval_perplexity": round(math.exp(final_eval), 4) if final_eval is not None and objective.unit == "token" else None,
         "loss_unit": objective.unit,
-        "initial_eval_loss": _round(state.get("initial_eval")),
-        "best_eval_loss": _round(state["best_eval"]),
+        "initial_eval_loss": round_metric(state.get("initial_eval")),
+        "best_eval_loss": round_metric(state["best_eval"]),
         "precision": precision,
         "device": device.type,
         "micro_batch_tokens": micro_tokens,
@@ -475,17 +471,6 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
     progress.footer(summary, run_dir)
     dist.finish()
     return TrainResult(run_dir, summary)
-
-
-class _ModelLoss:
-    """The single-process step: the objective's loss called on the model as it is (no wrapper)."""
-
-    def __init__(self, model, loss_fn) -> None:
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def __call__(self, batch):
-        return self.loss_fn(self.model, batch)
 
 
 class _NoLog:

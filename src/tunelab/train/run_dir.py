@@ -7,6 +7,11 @@ import os
 from pathlib import Path
 
 
+def round_metric(x: float | None) -> float | None:
+    """A loss or metric as run files store it: 6 decimals (None stays None)."""
+    return None if x is None else round(x, 6)
+
+
 class MetricsLog:
     """Append-only metrics.jsonl plus TensorBoard scalars. On resume, lines past the checkpoint are dropped.
 
