@@ -53,8 +53,8 @@ class Recorder:
         self.model = None
         attach, save = loop.attach_method, loop.save_model
 
-        def attach_and_copy(model, cfg):
-            model = attach(model, cfg)
+        def attach_and_copy(model, *args):  # (model, method config[, task])
+            model = attach(model, *args)
             self.before = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
             return model
 

@@ -208,3 +208,111 @@ def test_micro_batch_tokens_must_be_positive(tiny_model_dir, tmp_path):
     cfg = run_config(tiny_model_dir, tmp_path / "x.jsonl", tmp_path / "run", training={"micro_batch_tokens": 0})
     with pytest.raises(TunelabError, match="micro_batch_tokens"):
         load_config(cfg)
+
+
+def test_micro_batches_side_by_side_reproduce_one_thread(tiny_model_dir, tmp_path):
+    """training.micro_batch_threads: two micro-batches at once give the one-thread losses, and repeat bit for bit."""
+    data = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(24))
+
+    def run(name: str, threads: int) -> tuple[list[dict], dict]:
+        cfg = run_config(tiny_model_dir, data, tmp_path / name,
+                         training={"max_steps": 4, "batch_size": 8, "micro_batch_tokens": 40, "micro_batch_threads": threads})
+        result = train(load_config(cfg), quiet=True)
+        records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in records if "train_loss" in r], result.summary
+
+    one, one_summary = run("one", 1)
+    two, two_summary = run("two", 2)
+    again, _ = run("again", 2)
+    assert one_summary["micro_batch_threads"] == 1 and two_summary["micro_batch_threads"] == 2
+    assert [r["train_loss"] for r in two] == pytest.approx([r["train_loss"] for r in one], rel=1e-5)
+    assert [r["grad_norm"] for r in two] == pytest.approx([r["grad_norm"] for r in one], rel=1e-5)
+    assert [(r["train_loss"], r["grad_norm"]) for r in again] == [(r["train_loss"], r["grad_norm"]) for r in two]
+    assert two_summary["final_eval_loss"] == pytest.approx(one_summary["final_eval_loss"], rel=1e-5)
+
+
+def test_backward_in_threads_sums_every_gradient_like_one_thread():
+    from tunelab.train.parallel import Workers, backward_in_threads
+
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    unused = torch.nn.Parameter(torch.ones(3))  # no micro-batch reaches it: its grad stays None
+    params = [*layer.parameters(), unused]
+    batches = [{"input_ids": torch.randn(n, 8)} for n in (5, 3, 7, 2, 4)]
+
+    def loss_of(batch):
+        loss = layer(batch["input_ids"]).pow(2).sum()
+        return loss, float(loss.detach())
+
+    reference = []
+    for b in batches:
+        loss, value = loss_of(b)
+        loss.backward()
+        reference.append(value)
+    expected = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad(set_to_none=True)
+    values = backward_in_threads(loss_of, batches, params, Workers(2))
+    assert values == reference  # reported in batch order
+    for p, g in zip(layer.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-7)
+    assert unused.grad is None
+
+
+def test_workers_keep_grad_mode_and_raise_a_threads_error():
+    from tunelab.train.parallel import Workers, deal
+
+    assert deal([5, 1, 4, 4, 2], 2) == [[0, 1, 4], [2, 3]]  # 5+2+1 against 4+4: largest first to the lighter side
+    assert deal([3], 4) == [[0]]
+    with torch.no_grad():
+        modes = Workers(3).run(lambda g, group: (g, torch.is_grad_enabled()), [[1], [2], [3]])
+    assert modes == [(0, False), (1, False), (2, False)]
+
+    def fails_on_thread_one(g, group):
+        if g == 1:
+            raise ValueError("thread one broke")
+        return g
+
+    before = torch.get_num_threads()
+    with pytest.raises(ValueError, match="thread one broke"):
+        Workers(2).run(fails_on_thread_one, [[1], [2]])
+    assert torch.get_num_threads() == before  # the intra-op thread count is restored
+
+
+def test_micro_batch_threads_only_where_thread_order_cannot_matter(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.train.parallel import step_threads
+
+    cpu = torch.device("cpu")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert step_threads(2, cpu, model, thread_safe=True) == 2
+    assert step_threads("auto", cpu, model, thread_safe=True) == max(1, torch.get_num_threads())
+    assert step_threads(1, cpu, model, thread_safe=True) == 1
+    assert step_threads(2, torch.device("cuda"), model, thread_safe=True) == 1
+    assert step_threads(2, cpu, model, thread_safe=False) == 1  # e.g. DPO's reference pass
+    assert step_threads(2, cpu, model, thread_safe=True, processes=2) == 1
+    dropout = attach_method(model, LoraMethod(name="lora", r=4, alpha=8, dropout=0.1))
+    assert step_threads(2, cpu, dropout, thread_safe=True) == 1  # dropout masks would depend on thread timing
+
+
+def test_evaluation_side_by_side_equals_one_thread(tiny_model_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.data.formats import Example
+    from tunelab.data.tokenize import encode_example
+    from tunelab.train.loop import loss_totals
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rows = alpaca_rows(30)
+    examples = [encode_example(Example(f"r{i}", [{"role": "user", "content": r["instruction"] * (1 + i % 7)},
+                                                 {"role": "assistant", "content": r["output"]}]), tiny_tokenizer, 256)[0]
+                for i, r in enumerate(rows)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = loss_totals(model, examples, 4, tiny_tokenizer.pad_token_id, torch.device("cpu"), None)
+        torch.set_num_threads(2)
+        two = loss_totals(model, examples, 4, tiny_tokenizer.pad_token_id, torch.device("cpu"), None)
+    finally:
+        torch.set_num_threads(before)
+    assert two[1] == one[1] and two[0] == pytest.approx(one[0], rel=1e-6)

@@ -87,12 +87,36 @@ def train(
     machine_rank: int = typer.Option(0, "--machine-rank", help="This machine's rank in a multi-node run (0 = the main one)."),
     main_process_ip: str | None = typer.Option(None, "--main-process-ip", help="Address of machine rank 0 (multi-node)."),
     main_process_port: int = typer.Option(0, "--main-process-port", help="Port on machine rank 0 (0 = a free port; multi-node needs a fixed one)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the config (every stage of a staged run) and its data "
+                                 "files, print the plan, train nothing."),
 ) -> None:
-    """Fine-tune a model as the YAML describes; writes the run directory (metrics, checkpoints, final model)."""
+    """Fine-tune a model as the YAML describes; writes the run directory (metrics, checkpoints, final model).
+    A config with `stages:` trains them in order, each from the previous stage's model."""
     from tunelab.config import load_config
 
     try:
         cfg = load_config(config, overrides)
+        if cfg.stages is not None:
+            from tunelab.train import stages
+
+            if nproc is not None or num_machines > 1:
+                raise TunelabError("--nproc: a staged run trains in one process; drop --nproc (or train one stage's config)")
+            stages.check_files(cfg)
+            if dry_run:
+                for line in stages.describe_stages(cfg):
+                    out.print(line, highlight=False, markup=False, soft_wrap=True)
+                return
+            _quiet_libraries()
+            stages.run_stages(cfg, resume=True if resume else None, quiet=quiet)
+            return
+        if dry_run:
+            from tunelab.train.stages import check_files
+
+            check_files(cfg)
+            data = cfg.data.tasks and ", ".join(t.name for t in cfg.data.tasks) or cfg.data.train
+            out.print(f"{cfg.method.name} on {data} from {cfg.model} -> {cfg.output.dir}", highlight=False, markup=False,
+                      soft_wrap=True)
+            return
         _quiet_libraries()
         from tunelab.train import distributed
 
@@ -345,7 +369,8 @@ def _tokenizer_for(model: str):
 @data_app.command(epilog="Examples: tunelab data check raw/train.jsonl | tunelab data check raw/*.csv --format prompt_response "
                   "--max-length 1024 | tunelab data check configs/lora-alpaca.yaml --json > check.json")
 def check(
-    files: list[str] = typer.Argument(..., help="Data files or globs, or one run config YAML (checks its train/validation/test)."),
+    files: list[str] = typer.Argument(..., help="Data files or globs, or one run config YAML (checks every data file it names: "
+                               "train/validation/test, each task's, each stage's, replay files)."),
     format: str | None = typer.Option(None, "--format", "-f", help="alpaca | prompt_response | messages | text (default: detect)."),
     model: str = typer.Option("default", help="Model whose tokenizer and chat template measure lengths ('none' to skip)."),
     max_length: int = typer.Option(512, help="Rows longer than this many tokens are reported."),
@@ -358,31 +383,40 @@ def check(
         from tunelab.data.check import check_files
         from tunelab.data.formats import FORMATS
 
-        train_on_inputs = False
+        groups = [(files, format, max_length, False)]  # (files, format, max_length, train_on_inputs) checked together
         if len(files) == 1 and files[0].endswith((".yaml", ".yml")):
             from tunelab.config import load_config
+            from tunelab.train.stages import data_sections
 
             cfg = load_config(files[0])
-            specs = [cfg.data.train] + [s for s in (cfg.data.validation, cfg.data.test) if isinstance(s, (str, list))]
-            files = [f for spec in specs for f in ([spec] if isinstance(spec, str) else spec)]
-            format, max_length, train_on_inputs = format or cfg.data.format, cfg.data.max_length, cfg.data.train_on_inputs
+            groups = []  # one check per data section: the run's, each task's, each stage's, the replay files
+            for key, spec, fmt, data in data_sections(cfg):
+                listed = [spec] if isinstance(spec, str) else list(spec)
+                section = key.rsplit(".", 1)[0]
+                if groups and groups[-1][0] == section:  # a file named twice (validation and test) is read once
+                    groups[-1][1].extend(f for f in listed if f not in groups[-1][1])
+                else:
+                    groups.append((section, listed, format or fmt, data.max_length, data.train_on_inputs))
+            groups = [g[1:] for g in groups]
             model = model if model != "default" else cfg.model
         if format is not None and format not in FORMATS:
             raise TunelabError(f"--format: unknown format '{format}'; choose one of {', '.join(FORMATS)}")
         if near is not None and not 0 < near <= 1:
             raise TunelabError(f"--near: a similarity between 0 and 1 (e.g. 0.85), got {near}")
         tokenizer = None if model.lower() == "none" else _tokenizer_for(model)
-        report = check_files(files, format, tokenizer, max_length, train_on_inputs, label, near)
+        reports = [check_files(*group[:2], tokenizer, *group[2:], label, near) for group in groups]
     except TunelabError as exc:
         _fail(exc)
         return
     if as_json:
         import json
 
-        sys.stdout.write(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
+        shown = reports[0].to_json() if len(reports) == 1 else [r.to_json() for r in reports]
+        sys.stdout.write(json.dumps(shown, indent=2, ensure_ascii=False) + "\n")
     else:
-        _print_check(report)
-    raise typer.Exit(0 if report.clean else 2)
+        for report in reports:
+            _print_check(report)
+    raise typer.Exit(0 if all(r.clean for r in reports) else 2)
 
 
 def _print_check(report) -> None:
@@ -434,6 +468,9 @@ def prepare(
         from tunelab.config import load_config
 
         cfg = load_config(config, overrides)
+        if cfg.stages is not None:
+            raise TunelabError("stages: `data prepare` prepares one run's data; `tunelab data check` checks every stage's "
+                               "files and `tunelab train --dry-run` the whole plan")
         run_dir = Path(cfg.output.dir)
         if (run_dir / "summary.json").exists() or (run_dir / "checkpoints").exists():
             raise TunelabError(f"output.dir: {run_dir} holds a trained run; prepare into a new output.dir so its record stays as it was")
@@ -450,7 +487,10 @@ def prepare(
     except TunelabError as exc:
         _fail(exc)
         return
-    _print_prepared(data, run_dir / "data")
+    for name, part in (getattr(data, "parts", None) or {"": data}).items():  # data.tasks: each task's report
+        if name:
+            out.print(f"[bold]task {escape(name)}[/bold]", highlight=False)
+        _print_prepared(part, run_dir / "data" / name if name else run_dir / "data")
 
 
 def _print_prepared(data, where: Path) -> None:
@@ -488,6 +528,9 @@ def preview(
         from tunelab.config import load_config
 
         cfg = load_config(config, overrides)
+        if cfg.stages is not None:
+            raise TunelabError("stages: preview one stage: its run config is <output.dir>/stages/<i>-<name>/config.yaml "
+                               "once it starts, or copy the stage's data section into a plain config")
         if split not in ("train", "validation"):
             raise TunelabError(f"--split: choose train or validation (got '{split}')")
         if n < 1:
@@ -503,11 +546,15 @@ def preview(
         _fail(exc)
         return
     rows = data.train if split == "train" else data.validation
-    out.print("[bold green]green[/bold green] = tokens that carry loss, [dim]dim[/dim] = context only"
-              + (", [magenta]|next example|[/magenta] = packing boundary" if cfg.data.packing else ""), highlight=False)
+    if not data.labels:
+        out.print("[bold green]green[/bold green] = tokens that carry loss, [dim]dim[/dim] = context only"
+                  + (", [magenta]|next example|[/magenta] = packing boundary" if cfg.data.packing else ""), highlight=False)
     for i in range(min(n, len(rows))):
         enc = rows[i]
-        if enc.rejected_ids is None:
+        if data.labels:  # a classification row: the text as the model reads it (special tokens included) and its class
+            out.rule(f"label {data.labels[enc.labels[0]]!r}, {len(enc.input_ids)} tokens: {enc.source[-60:]}")
+            out.print(escape(tokenizer.decode(enc.input_ids)), highlight=False)
+        elif enc.rejected_ids is None:
             _print_example(enc, tokenizer)
         else:  # a preference pair: both conversations, each with its trained reply
             from tunelab.data.tokenize import Encoded

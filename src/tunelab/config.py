@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from tunelab.errors import TunelabError
 
@@ -92,13 +92,39 @@ def _section_flag(value: Any) -> Any:
     return value
 
 
+class TaskConfig(Section):
+    """One dataset of a multi-task run (`data.tasks`); every other `data:` setting applies to it too."""
+
+    name: str = Field(min_length=1, description="Task name; its eval loss is logged as eval_loss/<name>.")
+    train: str | list[str] = Field(description="The task's training file(s): a path, a glob, or a list of them.")
+    validation: str | list[str] | float | None = Field(
+        default=None, description="The task's validation file(s), or a fraction of its train held out (e.g. 0.1)."
+    )
+    format: Literal["alpaca", "prompt_response", "messages", "text", "preference", "classification"] | None = Field(
+        default=None, description="The task's row layout (default: data.format, else detected from its first row)."
+    )
+    weight: float | None = Field(
+        default=None, gt=0, description="Mixing weight (data.mixing: weights): the task's share is weight / sum of weights."
+    )
+
+    @field_validator("validation")
+    @classmethod
+    def _fraction_range(cls, v: Any) -> Any:
+        if isinstance(v, float) and not 0.0 < v < 1.0:
+            raise ValueError("a validation fraction must be between 0 and 1 (e.g. 0.1), or give a file path")
+        return v
+
+
 class DataConfig(Section):
-    train: str | list[str] = Field(description="Training file(s): a path, a glob, or a list of them (JSON, JSONL, CSV).")
+    train: str | list[str] | None = Field(
+        description="Training file(s): a path, a glob, or a list of them (JSON, JSONL, CSV); null with data.tasks."
+    )
     validation: str | list[str] | float | None = Field(
         default=None, description="Validation file(s), or a fraction of train held out with the seed (e.g. 0.1)."
     )
-    format: Literal["alpaca", "prompt_response", "messages", "text", "preference"] | None = Field(
-        default=None, description="Row layout; detected from the first row's keys when omitted."
+    format: Literal["alpaca", "prompt_response", "messages", "text", "preference", "classification"] | None = Field(
+        default=None, description="Row layout; detected from the first row's keys when omitted (task: classification "
+        "implies classification: rows with text and label)."
     )
     max_length: int = Field(default=512, ge=8, description="Maximum tokens per example; longer responses are cut.")
     train_on_inputs: bool = Field(default=False, description="Also train on prompt/user tokens, not only on the assistant's.")
@@ -117,6 +143,75 @@ class DataConfig(Section):
     split: SplitConfig | None = Field(default=None, description="Split data.train into train/validation/test (0.70/0.15/0.15).")
     augment: AugmentConfig | None = Field(default=None, description="Add augmented copies of training rows.")
     cache: bool = Field(default=True, description="Reuse prepared and tokenized data when inputs and settings are unchanged.")
+    tasks: list[TaskConfig] | None = Field(
+        default=None,
+        description="Multi-task: several datasets in one run instead of train/validation, each {name, train, validation, "
+        "format, weight}; batches sample tasks by data.mixing and eval logs eval_loss/<name> per task.",
+    )
+    mixing: Literal["proportional", "weights", "temperature"] | None = Field(
+        default=None,
+        description="How batches sample data.tasks: proportional (to each task's size), weights (the tasks' weight) or "
+        "temperature (size^(1/T)); default: weights when a task has a weight, else proportional.",
+    )
+    temperature: float | None = Field(
+        default=None, gt=0, description="T of data.mixing: temperature (default 2; 1 = proportional, large = uniform)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tasks_stand_for_train(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("tasks") is not None and "train" not in values:
+            values = {**values, "train": None}  # data.tasks replaces train; without either, `train` stays required
+        return values
+
+    @field_validator("tasks")
+    @classmethod
+    def _one_way_to_give_data(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("an empty list; list at least one task ({name, train}) or use data.train")
+        if info.data.get("train") is not None:
+            raise ValueError("data.train and data.tasks are both set; move data.train into a task or remove data.tasks")
+        for key in ("validation", "test", "split"):
+            if info.data.get(key) is not None:
+                raise ValueError(f"data.{key} does not combine with data.tasks; give each task its own validation "
+                                 f"(a file or a fraction) and remove data.{key}")
+        names = [t.name for t in v]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"duplicate task name '{twice[0]}'; give every task its own name")
+        return v
+
+    @model_validator(mode="after")
+    def _some_training_data(self) -> DataConfig:
+        if self.train is None and not self.tasks:
+            raise ValueError("no training data; set data.train (file(s)) or data.tasks (a list of tasks)")
+        return self
+
+    @field_validator("mixing")
+    @classmethod
+    def _mixing_needs_tasks(cls, v: Any, info: ValidationInfo) -> Any:
+        tasks = info.data.get("tasks")
+        if v is not None and not tasks:
+            raise ValueError("mixing applies to data.tasks; remove it or list the tasks")
+        if tasks and v in ("proportional", "temperature") and any(t.weight is not None for t in tasks):
+            raise ValueError(f"task weights apply to mixing: weights, not {v}; remove the weights or set mixing: weights")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_needs_mixing(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is not None and info.data.get("mixing") != "temperature":
+            raise ValueError("temperature applies to data.mixing: temperature; set that or remove temperature")
+        return v
+
+    @property
+    def mixing_rule(self) -> str:
+        """The mixing in effect: data.mixing, else weights when a task has a weight, else proportional."""
+        if self.mixing:
+            return self.mixing
+        return "weights" if any(t.weight is not None for t in self.tasks or []) else "proportional"
 
     @field_validator("clean", "dedupe", "split", "augment", mode="before")
     @classmethod
@@ -163,10 +258,18 @@ class FreezeMethod(Section):
         default_factory=list,
         description="Extra parameter-name patterns (fnmatch, e.g. '*.norm.*' or 'lm_head*') to train as well.",
     )
+    unfreeze_every: int | None = Field(
+        default=None, ge=1,
+        description="Gradual unfreezing: start with train_top_blocks, then train one more block (from the top down) "
+        "every this many steps or epochs until all blocks train; null = the same blocks throughout.",
+    )
+    unfreeze_unit: Literal["steps", "epochs"] = Field(default="steps", description="What unfreeze_every counts.")
 
     @model_validator(mode="after")
-    def _something_trains(self) -> FreezeMethod:
-        if not self.train_top_blocks and not self.train_modules:
+    def _something_trains(self, info: ValidationInfo) -> FreezeMethod:
+        # task: classification always trains its new head, so 0 blocks is feature extraction (only the head learns)
+        head_trains = (info.context or {}).get("task") == "classification"
+        if not self.train_top_blocks and not self.train_modules and not head_trains:
             raise ValueError("freeze trains nothing: set train_top_blocks >= 1 or list train_modules")
         return self
 
@@ -256,6 +359,19 @@ class PrefixTuningMethod(VirtualTokenMethod):
     )
 
 
+class BottleneckAdapterMethod(Section):
+    name: Literal["adapter"] = Field(
+        description="Bottleneck adapters (Houlsby): a small residual MLP after each block's attention and/or MLP output; "
+        "the base stays frozen and the model starts out identical to it."
+    )
+    reduction_factor: int = Field(default=16, ge=1, description="Hidden size / adapter width (16: a 576-wide model gets 36).")
+    non_linearity: Literal["gelu", "relu", "silu"] = Field(default="gelu", description="Activation between the two projections.")
+    placement: list[Literal["attention", "mlp"]] = Field(
+        default=["attention", "mlp"], min_length=1,
+        description="Where adapters go in each block: after the attention output projection and/or after the MLP.",
+    )
+
+
 class PromptTuningMethod(VirtualTokenMethod):
     name: Literal["prompt_tuning"] = Field(description="Prompt tuning: trained input embeddings in front of every sequence.")
     init_text: str | None = Field(
@@ -266,7 +382,7 @@ class PromptTuningMethod(VirtualTokenMethod):
 # The methods that train a causal LM on its own loss; preference methods below wrap one of them as their `adapter`.
 AdapterConfig = Annotated[
     FullMethod | FreezeMethod | LoraMethod | RsLoraMethod | DoraMethod | QLoraMethod | Ia3Method | LohaMethod | LokrMethod
-    | PrefixTuningMethod | PromptTuningMethod,
+    | PrefixTuningMethod | PromptTuningMethod | BottleneckAdapterMethod,
     Field(discriminator="name"),
 ]
 
@@ -320,9 +436,43 @@ class RewardMethod(_PreferenceMethod):
     )
 
 
+class DistillMethod(Section):
+    name: Literal["distill"] = Field(
+        description="Knowledge distillation on ordinary training rows: match a teacher model's next-token distribution "
+        "(KL at temperature T) besides the data's own tokens (cross-entropy)."
+    )
+    teacher: str = Field(
+        description="The teacher: a run directory, an HF model directory, a .gguf, a hub id or 'default'; it must share "
+        "the student's tokenizer vocabulary."
+    )
+    alpha: float = Field(default=0.5, ge=0, le=1, description="loss = alpha * CE + (1 - alpha) * T^2 * KL(teacher || student).")
+    temperature: float = Field(default=2.0, gt=0, description="Softens both distributions in the KL term (T).")
+    adapter: AdapterConfig = Field(
+        default_factory=lambda: LoraMethod(name="lora"),
+        description="What trains in the student, with that method's own keys: {name: lora, r: 16, ...} (default LoRA), "
+        "{name: full}, or any other method above.",
+    )
+
+    @property
+    def optim(self) -> str:
+        return getattr(self.adapter, "optim", "adamw")
+
+    @property
+    def supports_gradient_checkpointing(self) -> bool:
+        return getattr(self.adapter, "supports_gradient_checkpointing", True)
+
+    @property
+    def supports_packing(self) -> bool:
+        return getattr(self.adapter, "supports_packing", True)
+
+    @property
+    def no_packing_reason(self) -> str:
+        return getattr(self.adapter, "no_packing_reason", "")
+
+
 MethodConfig = Annotated[
     FullMethod | FreezeMethod | LoraMethod | RsLoraMethod | DoraMethod | QLoraMethod | Ia3Method | LohaMethod | LokrMethod
-    | PrefixTuningMethod | PromptTuningMethod | DpoMethod | RewardMethod,
+    | PrefixTuningMethod | PromptTuningMethod | BottleneckAdapterMethod | DpoMethod | RewardMethod | DistillMethod,
     Field(discriminator="name"),
 ]
 # method name -> its section class, read off the union (each member's `name` is a one-value Literal)
@@ -330,7 +480,8 @@ METHOD_SECTIONS: dict[str, type[Section]] = {
     get_args(member.model_fields["name"].annotation)[0]: member for member in get_args(get_args(MethodConfig)[0])
 }
 METHOD_NAMES = tuple(METHOD_SECTIONS)
-ADAPTER_NAMES = tuple(name for name, section in METHOD_SECTIONS.items() if not issubclass(section, _PreferenceMethod))
+ADAPTER_NAMES = tuple(name for name, section in METHOD_SECTIONS.items()
+                      if not issubclass(section, (_PreferenceMethod, DistillMethod)))
 
 
 class EarlyStopping(Section):
@@ -364,6 +515,12 @@ class TrainingConfig(Section):
         description="Split each batch into micro-batches of at most this many padded tokens: the same gradients with "
         "less memory. auto = 512 on a CPU (larger ran slower there), from free memory on a GPU; null = never split.",
     )
+    micro_batch_threads: int | Literal["auto"] = Field(
+        default="auto",
+        description="CPU only: run this many micro-batches at once, each on one core (a small model's ops split badly "
+        "across cores). auto = one per torch thread when nothing in a step depends on thread order (no dropout, one "
+        "process, a thread-safe objective), and then auto micro-batches share the 512 tokens; 1 = off.",
+    )
     gradient_checkpointing: bool | Literal["auto"] = Field(
         default="auto",
         description="Recompute activations in the backward pass (~1.3x the compute, far less memory). auto = only "
@@ -376,6 +533,11 @@ class TrainingConfig(Section):
     adam_beta1: float = Field(default=0.9, gt=0, lt=1)
     adam_beta2: float = Field(default=0.999, gt=0, lt=1)
     max_grad_norm: float | None = Field(default=1.0, description="Clip the gradient norm to this; null disables.")
+    layer_lr_decay: float | None = Field(
+        default=None, gt=0, le=1,
+        description="Layer-wise learning-rate decay: block i of L (0 = bottom) trains at lr * decay^(L-1-i), the embeddings "
+        "at lr * decay^L, the head and final norm at lr; null = one learning rate.",
+    )
     schedule: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="Decay after warmup.")
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
     warmup_steps: int | None = Field(default=None, ge=0, description="Warmup steps (overrides warmup_ratio).")
@@ -400,6 +562,13 @@ class TrainingConfig(Section):
     def _positive_tokens(cls, value):
         if isinstance(value, int) and value < 1:
             raise ValueError("must be a positive number of tokens, 'auto' or null")
+        return value
+
+    @field_validator("micro_batch_threads")
+    @classmethod
+    def _positive_threads(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be a positive number of threads or 'auto' (1 turns it off)")
         return value
 
 
@@ -532,18 +701,85 @@ class TrackingConfig(Section):
         return _section_flag(v)
 
 
+class ReplayConfig(Section):
+    data: str | list[str] = Field(
+        description="General data mixed into training against forgetting: file(s), a glob or a list (rows of any format "
+        "this run trains on), or 'previous' in a staged run: the earlier stages' training data."
+    )
+    fraction: float = Field(default=0.2, gt=0, lt=1, description="Share of each batch's examples drawn from the replay data.")
+    format: Literal["alpaca", "prompt_response", "messages", "text", "preference"] | None = Field(
+        default=None, description="Row layout of the replay files; detected from the first row when omitted."
+    )
+
+
+class ContinualConfig(Section):
+    """Continual learning: keep what the model knew while it learns the new data."""
+
+    replay: ReplayConfig | None = Field(
+        default=None, description="Mix a share of earlier or general data into every batch (experience replay)."
+    )
+    penalty: Literal["l2sp", "ewc"] | None = Field(
+        default=None,
+        description="Weight penalty against drifting from the starting weights: l2sp (strength/2 * sum (w - w0)^2) or "
+        "ewc (the same, each weight scaled by its diagonal Fisher information); null = none.",
+    )
+    penalty_strength: float = Field(default=1.0, ge=0, description="The penalty's factor (lambda).")
+    ewc_rows: int = Field(default=64, ge=1, description="Rows used to estimate the diagonal Fisher for ewc (the first ones).")
+    fisher_data: str | list[str] | None = Field(
+        default=None, description="File(s) whose rows estimate the Fisher for ewc (the old task's data); default: data.train."
+    )
+
+
+class StageConfig(Section):
+    """One stage of a sequential run (`stages:`); it trains from the model the previous stage produced."""
+
+    name: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Stage name (letters, digits, _ . -); its run directory is <output.dir>/stages/<i>-<name>.",
+    )
+    data: DataConfig | None = Field(default=None, description="The stage's data section (replaces the top-level one).")
+    method: MethodConfig | None = Field(default=None, description="The stage's method section (replaces the top-level one).")
+    training: TrainingConfig | None = Field(
+        default=None, description="The training keys this stage changes (merged over the top-level training section)."
+    )
+    continual: ContinualConfig | None = Field(
+        default=None, description="The stage's continual section (replaces the top-level one; replay data may be 'previous')."
+    )
+
+
 class RunConfig(Section):
-    model: str = Field(default="default", description="'default' (embedded SmolLM2-135M-Instruct), a local HF dir, a .gguf file or a hub id.")
-    data: DataConfig
+    model: str = Field(default="default", description="'default' (embedded SmolLM2-135M-Instruct), 'minilm' (the embedded "
+                       "all-MiniLM-L6-v2 encoder, for task: classification), a local HF dir, a .gguf file or a hub id.")
+    task: Literal["causal_lm", "classification"] = Field(
+        default="causal_lm", description="causal_lm: next-token loss on the replies; classification: a sequence "
+        "classification head on the model (encoder or decoder) trained with cross-entropy on data.format: classification "
+        "rows (text, label)."
+    )
+    data: DataConfig | None  # required; null only in a staged run whose stages all have their own data
     method: MethodConfig = Field(default_factory=lambda: LoraMethod(name="lora"))
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     resume: bool | Literal["auto"] = Field(default=False, description="'auto'/true: continue from the newest checkpoint.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow / W&B besides TensorBoard.")
+    continual: ContinualConfig = Field(
+        default_factory=ContinualConfig, description="Continual learning against forgetting: replay (and weight penalties)."
+    )
     search: dict[str, SearchParam] = Field(
         default_factory=dict, description="`tunelab tune`: the search space, keyed by config path (e.g. training.learning_rate)."
     )
     tune: TuneConfig | None = Field(default=None, description="`tunelab tune`: objective, sampler, pruner, storage.")
+    stages: list[StageConfig] | None = Field(
+        default=None,
+        description="Sequential fine-tuning: stages trained one after another, each from the previous stage's model "
+        "(e.g. domain text -> instructions -> preferences); each may set name, data, method, training, continual.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stages_may_bring_data(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("stages") and "data" not in values:
+            values = {**values, "data": None}  # each stage gives its own data; without stages, `data` stays required
+        return values
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -585,6 +821,8 @@ def _fields_at(path: tuple[str, ...], data: dict) -> list[str]:
         if keyed:
             keyed = False
             continue
+        if part.isdigit():  # an item of a list section (data.tasks, stages): the item's type is already picked
+            continue
         if model is None:
             return []
         field = model.model_fields.get(part)
@@ -596,13 +834,18 @@ def _fields_at(path: tuple[str, ...], data: dict) -> list[str]:
 
 
 def _section_type(annotation: Any, data: dict, path: tuple[str, ...]) -> Any:
-    if path in (("method",), ("method", "adapter")):  # a method section: the class its `name` picks
+    if path[-1:] == ("method",) or path[-2:] == ("method", "adapter"):  # a method section: the class its `name` picks
         node: Any = data
         for part in path:
-            node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, list) and part.isdigit():
+                node = node[int(part)] if int(part) < len(node) else None
+            else:
+                node = node.get(part) if isinstance(node, dict) else None
         name = node.get("name") if isinstance(node, dict) else None
         return METHOD_SECTIONS.get(name, LoraMethod)
     for candidate in getattr(annotation, "__args__", (annotation,)):
+        if getattr(candidate, "__origin__", None) is list:  # list[TaskConfig], list[StageConfig]
+            candidate = get_args(candidate)[0]
         if isinstance(candidate, type) and issubclass(candidate, BaseModel):
             return candidate
     return None
@@ -623,6 +866,8 @@ def format_validation_error(
     """Turn pydantic's first error into one line: `run.yaml:7: training.learnign_rate: unknown key; did you mean ...`."""
     errors = [(_clean_loc(e["loc"]), e) for e in err.errors()]
     loc, e = errors[0]
+    if e["type"] == "missing":  # an unknown key beside a missing one is most likely its misspelling: report that
+        loc, e = next(((l, o) for l, o in errors if o["type"] == "extra_forbidden" and l[:-1] == loc[:-1]), (loc, e))
     # A union reports one error per member ("not a string", "not a float", ...); the value error says more.
     for other_loc, other in errors:
         if other_loc == loc and not other["type"].endswith("_type"):
@@ -705,19 +950,62 @@ def config_from_dict(data: dict, source: str = "config", lines: dict | None = No
         data["method"]["name"] = "lora"  # the default method, so `method: {r: 8}` means LoRA with r=8
     if isinstance(data.get("method"), dict) and isinstance(data["method"].get("adapter"), dict):
         data["method"]["adapter"].setdefault("name", "lora")  # likewise inside dpo/reward
+    task = data.get("task")
+    if task == "classification" and isinstance(data.get("data"), dict) and data["data"].get("format") is None:
+        data["data"]["format"] = "classification"
+    for stage in data.get("stages") or []:
+        if isinstance(stage, dict) and isinstance(stage.get("method"), dict):
+            stage["method"].setdefault("name", "lora")
+            if isinstance(stage["method"].get("adapter"), dict):
+                stage["method"]["adapter"].setdefault("name", "lora")
     try:
-        cfg = RunConfig.model_validate(data)
+        cfg = RunConfig.model_validate(data, context={"task": task})
     except ValidationError as err:
         overridden = {tuple(path) for path, _ in parse_overrides(overrides)}
         raise TunelabError(format_validation_error(err, source, data, lines or {}, overridden)) from None
+    if cfg.stages is not None or cfg.data is None:
+        from tunelab.train.stages import check_stages
+
+        check_stages(cfg, source, lines or {})
+        return cfg
     check_method_fits(cfg, source, lines or {}, {tuple(path) for path, _ in parse_overrides(overrides)})
+    check_mixture(cfg, source, lines or {})
     if cfg.search:
         check_search_space(cfg, data, source, lines or {})
     return cfg
 
 
-def check_method_fits(cfg: RunConfig, source: str, lines: dict, overridden: set) -> None:
-    """Settings elsewhere in the config that the chosen method cannot train with, reported at that setting's line.
+def check_mixture(cfg: RunConfig, source: str, lines: dict, at: tuple[str, ...] = ()) -> None:
+    """Multi-task data and replay against the method and the batching (what needs no file read).
+
+    Raises:
+        TunelabError: `run.yaml:7: data.tasks.1.format: dpo trains on preference pairs, ...`, max_tokens_per_batch.
+    """
+    pairs = getattr(cfg.method, "trains_on_pairs", False)
+    checks = []
+    for i, task in enumerate(cfg.data.tasks or []):
+        fmt = task.format or cfg.data.format
+        checks.append((fmt is not None and pairs != (fmt == "preference"), ("data", "tasks", str(i), "format"),
+                       data_format_problem(cfg.method.name, pairs, fmt or "")))
+    replay = cfg.continual.replay
+    if replay is not None and replay.format is not None:
+        checks.append((pairs != (replay.format == "preference"), ("continual", "replay", "format"),
+                       data_format_problem(cfg.method.name, pairs, replay.format)))
+    if replay is not None and replay.data == "previous" and at[:1] != ("stages",):
+        checks.append((True, ("continual", "replay", "data"),
+                       "'previous' means the earlier stages' data and needs a staged run (stages:); give replay file(s)"))
+    checks.append(((cfg.data.tasks or replay) and cfg.training.max_tokens_per_batch, ("training", "max_tokens_per_batch"),
+                   "mixed batches (data.tasks, continual.replay) are cut by batch_size; remove max_tokens_per_batch"))
+    for failed, loc, problem in checks:
+        if failed:
+            line = lines.get(at + loc)
+            raise TunelabError(f"{source}:{line}: {'.'.join(at + loc)}: {problem}" if line
+                               else f"{source}: {'.'.join(at + loc)}: {problem}")
+
+
+def check_method_fits(cfg: RunConfig, source: str, lines: dict, overridden: set, at: tuple[str, ...] = ()) -> None:
+    """Settings elsewhere in the config that the chosen method cannot train with, reported at that setting's line
+    (`at`: where this config sits in the file, e.g. ("stages", "1") for a stage).
 
     Raises:
         TunelabError: `run.yaml:9: data.packing: prompt_tuning cannot train on packed rows; ...`.
@@ -736,12 +1024,38 @@ def check_method_fits(cfg: RunConfig, source: str, lines: dict, overridden: set)
         (cfg.training.gradient_checkpointing is True and not getattr(cfg.method, "supports_gradient_checkpointing", True),
          ("training", "gradient_checkpointing"),
          f"{name} does not work with gradient checkpointing (PEFT's restriction); set it to auto or false"),
+        (cfg.training.early_stopping is not None and getattr(cfg.method, "unfreeze_every", None) is not None,
+         ("training", "early_stopping"),
+         ("early stopping cannot restore the best weights of blocks that were still frozen then; remove "
+          "early_stopping or method.unfreeze_every")),
     ]
+    checks = task_problems(cfg) + checks  # the task first: it decides what the other settings must be
     for failed, loc, problem in checks:
         if failed:
+            loc = at + loc
             line = lines.get(loc)
             prefix = "command-line override: " if loc in overridden else f"{source}:{line}: " if line else f"{source}: "
             raise TunelabError(f"{prefix}{'.'.join(loc)}: {problem}")
+
+
+CLASSIFICATION_METHODS = ("full", "freeze", "lora", "rslora", "dora", "ia3", "loha", "lokr")
+
+
+def task_problems(cfg: RunConfig) -> list[tuple[bool, tuple[str, ...], str]]:
+    """(failed, config location, problem) for settings that do not fit `task:` (check_method_fits reports them)."""
+    classify = cfg.task == "classification"
+    return [
+        (classify and cfg.method.name not in CLASSIFICATION_METHODS, ("method", "name"),
+         f"task: classification cannot train with {cfg.method.name}; use one of {', '.join(CLASSIFICATION_METHODS)}"),
+        (classify and cfg.data.format not in (None, "classification"), ("data", "format"),
+         f"task: classification trains on rows with text and label, not '{cfg.data.format}' rows; use format classification"),
+        (not classify and cfg.data.format == "classification", ("data", "format"),
+         "classification rows (text, label) train a classifier; add task: classification at the top level"),
+        (classify and cfg.data.packing, ("data", "packing"),
+         "classification scores each text on its own (one label per sequence); set data.packing: false"),
+        (not classify and cfg.model.strip() == "minilm", ("model",),
+         "minilm is an encoder and cannot generate text; use it with task: classification (or model: default)"),
+    ]
 
 
 def data_format_problem(method: str, pairs: bool, fmt: str) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.methods import bottleneck
 from tunelab.models.loading import load_model, load_tokenizer, resolve_model
 
 
@@ -41,18 +42,26 @@ def load_for_inference(target: str | Path, reward_model: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         run_config = yaml.safe_load((path / "config.yaml").read_text()) or {}
         method = run_config.get("method") if isinstance(run_config.get("method"), dict) else {}
+        if run_config.get("task") == "classification":
+            raise TunelabError(f"{path}: a classifier predicts labels and cannot write text; use `tunelab eval {path}`, "
+                               "`tunelab predict` or tunelab.methods.classification.load_classifier")
         if method.get("name") == "reward" and not reward_model:
             raise TunelabError(f"{path}: a reward model scores replies and cannot write them; load it with "
                                "AutoModelForSequenceClassification (see the README), or use a dpo or fine-tuning run here")
-        if (model_dir / "adapter_config.json").is_file():
+        adapter_json = next((model_dir / name for name in ("adapter_config.json", bottleneck.CONFIG_NAME)
+                             if (model_dir / name).is_file()), None)  # PEFT's adapters, or bottleneck adapters
+        if adapter_json is not None:
             from peft import PeftModel
 
-            base_path = json.loads((model_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            base_path = json.loads(adapter_json.read_text()).get("base_model_name_or_path")
             if not base_path or not Path(base_path).is_dir():  # e.g. the model cache was cleared: resolve the spec again
                 base_path = resolve_model(run_config.get("model")).path
             base_source = resolve_model(base_path)
             base = load_model(base_source, **_method_load_kwargs(run_config.get("method"), base_source))
-            model = PeftModel.from_pretrained(base, str(model_dir))
+            if adapter_json.name == bottleneck.CONFIG_NAME:
+                model = bottleneck.from_pretrained(base, model_dir)
+            else:
+                model = PeftModel.from_pretrained(base, str(model_dir))
         else:
             head = {"head": "score"} if method.get("name") == "reward" else {}
             model = load_model(resolve_model(str(model_dir)), **head)  # a full reward model keeps its score head

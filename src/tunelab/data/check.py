@@ -80,9 +80,11 @@ def check_files(spec: str | list[str], fmt: str | None = None, tokenizer=None, m
             report.mojibake.append((rec.where, sample.group(0)))
     if tokenizer is not None:
         keep = []
+        classes = sorted({ex.label for ex in examples if ex.label is not None})  # format classification
+        label_ids = {name: i for i, name in enumerate(classes)} or None
         for rec, ex in zip(valid, examples):
             try:
-                enc = encode_example(ex, tokenizer, max_length, train_on_inputs)
+                enc = encode_example(ex, tokenizer, max_length, train_on_inputs, label_ids)
             except TunelabError as exc:
                 problems.append(Problem(rec.file, rec.line, str(exc), "tokenize"))
                 continue

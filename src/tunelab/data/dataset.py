@@ -17,7 +17,7 @@ import torch
 
 from tunelab.config import DataConfig
 from tunelab.data.cache import EncodedTable, data_cache_dir, fingerprint, lookup, save_encoded, store
-from tunelab.data.formats import Example
+from tunelab.data.formats import Example, label_names
 from tunelab.data.pipeline import SPLITS, Removed, fail_on, run_pipeline
 from tunelab.data.readers import Problem
 from tunelab.data.report import REPORT_FILES, write_report
@@ -37,6 +37,8 @@ class PreparedData:
     files: Path | None = None  # the directory holding the prepared splits and report files
     cache_hit: bool = False
     seconds: float = 0.0
+    labels: list[str] | None = None  # format classification: the class names, class id = position
+
 
     @property
     def train_tokens(self) -> int:
@@ -59,12 +61,14 @@ def with_progress(items: list, description: str, min_items: int = 2000):
 
 
 def encode_all(examples: list[Example], tokenizer, cfg: DataConfig, problems: list[Problem] | None = None,
-               name: str = "") -> list[Encoded]:
-    """Tokenize examples; a row that cannot be trained is raised, or recorded in `problems` when given."""
+               name: str = "", labels: list[str] | None = None) -> list[Encoded]:
+    """Tokenize examples; a row that cannot be trained is raised, or recorded in `problems` when given. `labels`: the
+    class names of a classification dataset (class id = position)."""
     out: list[Encoded] = []
+    label_ids = {label: i for i, label in enumerate(labels)} if labels else None
     for ex in with_progress(examples, f"tokenizing {name}".strip()):
         try:
-            out.extend(encode_example(ex, tokenizer, cfg.max_length, cfg.train_on_inputs))
+            out.extend(encode_example(ex, tokenizer, cfg.max_length, cfg.train_on_inputs, label_ids))
         except TunelabError as exc:
             if problems is None:
                 raise
@@ -99,6 +103,10 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int, base: ModelSource | None
     Raises:
         TunelabError: invalid rows (unless data.on_invalid: skip), nothing left to train on.
     """
+    if cfg.tasks:  # multi-task: each task prepared (and cached) on its own, then mixed
+        from tunelab.data.mixture import prepare_tasks
+
+        return prepare_tasks(cfg, tokenizer, seed, base)
     start = time.perf_counter()
     load_generator, model_spec = (None, "")
     if cfg.augment is not None and cfg.augment.paraphrase:
@@ -111,11 +119,14 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int, base: ModelSource | None
         validation = EncodedTable(entry / "tokens" / "validation.arrow")
         report = json.loads((entry / "data_report.json").read_text())
         return PreparedData(train, validation, meta["format"], meta["truncated"], meta["train_examples"], report, entry,
-                            cache_hit=True, seconds=time.perf_counter() - start)
+                            cache_hit=True, seconds=time.perf_counter() - start, labels=meta.get("labels"))
 
     result = run_pipeline(cfg, seed, load_generator)
     problems: list[Problem] = []
-    encoded = {name: encode_all(result.examples(name, cfg.system_prompt), tokenizer, cfg, problems, name) for name in SPLITS}
+    examples = {name: result.examples(name, cfg.system_prompt) for name in SPLITS}
+    labels = (label_names(examples["train"], {s: examples[s] for s in SPLITS[1:]})
+              if result.format == "classification" else None)
+    encoded = {name: encode_all(examples[name], tokenizer, cfg, problems, name, labels) for name in SPLITS}
     if problems:
         if cfg.on_invalid == "error":
             fail_on(problems)
@@ -133,11 +144,11 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int, base: ModelSource | None
     (build / "tokens").mkdir()
     save_encoded(build / "tokens" / "train.arrow", train)
     save_encoded(build / "tokens" / "validation.arrow", encoded["validation"])
-    meta = {"format": result.format, "truncated": truncated, "train_examples": len(encoded["train"])}
+    meta = {"format": result.format, "truncated": truncated, "train_examples": len(encoded["train"]), "labels": labels}
     (build / "meta.json").write_text(json.dumps(meta))
     files = store(key, build) if key else build
     return PreparedData(train, encoded["validation"], result.format, truncated, len(encoded["train"]), report, files,
-                        seconds=time.perf_counter() - start)
+                        seconds=time.perf_counter() - start, labels=labels)
 
 
 def _build_root(key: str | None) -> str | None:
@@ -150,6 +161,10 @@ def _build_root(key: str | None) -> str | None:
 
 def copy_prepared(data: PreparedData, out: Path, splits: bool = True) -> None:
     """Copy the report files (and the prepared split JSONL files) into `out`, e.g. `<run>/data`."""
+    if data.files is None and getattr(data, "parts", None):  # data.tasks: each task's files in <out>/<task>
+        for name, part in data.parts.items():
+            copy_prepared(part, out / name, splits)
+        return
     if data.files is None:
         return
     out.mkdir(parents=True, exist_ok=True)

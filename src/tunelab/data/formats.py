@@ -28,6 +28,7 @@ class Example:
     messages: list[dict] = field(default_factory=list)
     text: str | None = None
     rejected: list[dict] | None = None
+    label: str | None = None  # format `classification`: the class of `text` (ints are kept as their decimal string)
 
 
 @dataclass(frozen=True)
@@ -213,11 +214,49 @@ def _reply(rec: Record, key: str) -> str:
     return value
 
 
+def classification(rec: Record) -> Example:
+    """`text` to classify and its `label` (a string or an integer; the set of labels comes from the training rows)."""
+    text = _text_field(rec, "text", "classification")
+    label = rec.row.get("label")
+    if label is None:
+        raise TunelabError(f"{rec.where}: label: missing field (format 'classification' needs text, label)")
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise TunelabError(f"{rec.where}: label: expected a string or an integer, got {type(label).__name__}")
+    if not str(label).strip():
+        raise TunelabError(f"{rec.where}: label: empty; fill it in or remove the row")
+    return Example(rec.where, text=text, label=str(label).strip())
+
+
+def label_names(train: list[Example], held_out: dict[str, list[Example]]) -> list[str]:
+    """The classes of a classification dataset, from its training rows: integers in numeric order, else sorted.
+
+    Raises:
+        TunelabError: fewer than two classes in train, or a validation/test row whose label train never has.
+    """
+    names = sorted({ex.label for ex in train}, key=lambda n: (0, int(n), "") if _is_int(n) else (1, 0, n))
+    if len(names) < 2:
+        only = f"every training row has label {names[0]!r}" if names else "no training rows"
+        raise TunelabError(f"data.train: classification needs at least two labels, but {only}; add rows of the other "
+                           "class(es)")
+    known = set(names)
+    for split, examples in held_out.items():
+        for ex in examples:
+            if ex.label not in known:
+                raise TunelabError(f"{ex.source}: label: {ex.label!r} never occurs in the training data (data.{split}; "
+                                   f"training labels: {', '.join(names)}); fix the label or add training rows with it")
+    return names
+
+
+def _is_int(name: str) -> bool:
+    return name.lstrip("-").isdigit()
+
+
 register_format(DataFormat("alpaca", ("instruction", "output"), alpaca))
 register_format(DataFormat("prompt_response", ("prompt", "response"), prompt_response))
 register_format(DataFormat("messages", ("messages",), chat_messages))
 register_format(DataFormat("text", ("text",), raw_text))
 register_format(DataFormat("preference", ("prompt", "chosen", "rejected"), preference))
+register_format(DataFormat("classification", ("text", "label"), classification))
 
 
 def detect_format(rec: Record) -> str:

@@ -114,7 +114,8 @@ def with_prompt(row: dict, fmt: str, text: str) -> dict:
     return row
 
 
-PROMPT_FIELDS = {"alpaca": "instruction", "prompt_response": "prompt", "preference": "prompt", "messages": "messages", "text": "text"}
+PROMPT_FIELDS = {"alpaca": "instruction", "prompt_response": "prompt", "preference": "prompt", "messages": "messages", "text": "text",
+                 "classification": "text"}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -75,8 +75,13 @@ def trained_char_spans(tokenizer, messages: list[dict], train_on_inputs: bool) -
     return full, spans
 
 
-def encode_example(ex: Example, tokenizer, max_length: int, train_on_inputs: bool = False) -> list[Encoded]:
+def encode_example(ex: Example, tokenizer, max_length: int, train_on_inputs: bool = False,
+                   label_ids: dict[str, int] | None = None) -> list[Encoded]:
     """Tokenize one example; returns one `Encoded` (or several windows for long raw text).
+
+    A classification example (`ex.label` set; `label_ids` maps label names to class ids) is its text alone, with the
+    tokenizer's special tokens ([CLS] ... [SEP] for BERT) and no chat template, cut at max_length; `labels` holds the
+    one class id.
 
     A preference pair encodes its two conversations the same way, each with only its final reply trained, into one
     `Encoded` that carries the rejected side in `rejected_ids`/`rejected_labels`.
@@ -90,6 +95,11 @@ def encode_example(ex: Example, tokenizer, max_length: int, train_on_inputs: boo
         return [Encoded(chosen.input_ids, chosen.labels, ex.source, chosen.truncated or rejected.truncated,
                         full_length=max(chosen.full_length, rejected.full_length),
                         rejected_ids=rejected.input_ids, rejected_labels=rejected.labels)]
+    if ex.label is not None:
+        if label_ids is None:
+            raise TunelabError(f"{ex.source}: a classification row needs the label set (task: classification)")
+        ids = tokenizer(ex.text, add_special_tokens=True)["input_ids"]
+        return [Encoded(ids[:max_length], [label_ids[ex.label]], ex.source, len(ids) > max_length, full_length=len(ids))]
     if ex.text is not None:
         ids = tokenizer(ex.text, add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:

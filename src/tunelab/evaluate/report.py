@@ -138,7 +138,10 @@ def adapter_base_target(run_dir: Path) -> str:
     recorded base directory, else the run config's `model` spec (e.g. after the model cache was cleared)."""
     import yaml
 
-    base_path = json.loads((run_dir / "model" / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    adapter_json = run_dir / "model" / "adapter_config.json"
+    if not adapter_json.is_file():
+        adapter_json = run_dir / "model" / "bottleneck_adapter.json"  # method: adapter (methods/bottleneck.py)
+    base_path = json.loads(adapter_json.read_text()).get("base_model_name_or_path")
     if base_path and Path(base_path).is_dir():
         return str(base_path)
     return str(yaml.safe_load((run_dir / "config.yaml").read_text()).get("model") or "default")
@@ -159,7 +162,7 @@ def model_fingerprint(target: str | Path) -> str:
     if is_run_dir(path):
         model_dir = path / "model"
         parts = [_directory_fingerprint(model_dir)]
-        if (model_dir / "adapter_config.json").is_file():
+        if (model_dir / "adapter_config.json").is_file() or (model_dir / "bottleneck_adapter.json").is_file():
             parts.append("base:" + model_fingerprint(adapter_base_target(path)))
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
     source = resolve_model(str(target))

@@ -198,7 +198,17 @@ def evaluate(req: EvalRequest, model=None, tokenizer=None, log=None, cache: bool
         TunelabError: nothing to evaluate, unknown benchmark, bad file, target not a model.
     """
     from tunelab.evaluate.report import cached_eval, model_fingerprint, task_cache_key
+    from tunelab.methods.classification import is_classification_run
 
+    if is_classification_run(req.target):  # a trained classification head: its own predictions on held-out rows
+        from tunelab.evaluate.classifier import evaluate_classifier
+
+        if req.benchmarks or req.perplexity or req.classify or req.labels:
+            raise TunelabError(f"{req.target}: a classification run predicts its labels; score it with --data FILE or "
+                               "no task options (its held-out split); --tasks, --perplexity, --classify need a language model")
+        result = evaluate_classifier(req.target, req.data, req.limit, req.batch_size)
+        return {"target": str(req.target), "settings": {k: v for k, v in req.__dict__.items() if k != "target"},
+                "results": {"classification": {**result, "cached": False}}, "torch": torch.__version__}
     if not (req.benchmarks or req.data or req.perplexity):
         raise TunelabError("nothing to evaluate: give --tasks/--benchmark, --data or --perplexity "
                            "(`tunelab report RUN_DIR` scores a run on its own test split)")

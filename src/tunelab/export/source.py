@@ -35,6 +35,10 @@ def inspect_target(target: str) -> ExportSource:
         if not model_dir.is_dir():
             raise TunelabError(f"{path}: this run has no final model to export (interrupted?); finish it with "
                                f"`tunelab train {path / 'config.yaml'} --resume`, then export again")
+        if (model_dir / "bottleneck_adapter.json").is_file():  # method: adapter; every target starts from the merge
+            from tunelab.methods.bottleneck import MERGE_REFUSED
+
+            raise TunelabError(f"{path}: {MERGE_REFUSED}")
         if (model_dir / "adapter_config.json").is_file():
             from tunelab.evaluate.report import adapter_base_target
 

@@ -36,8 +36,13 @@ def register_method(name: str, attach: MethodFn, load_kwargs: LoadKwargsFn | Non
         OBJECTIVES[name] = objective
 
 
-def attach_method(model: nn.Module, cfg) -> nn.Module:
-    """Apply the configured method; afterwards only the parameters it trains require grad."""
+def attach_method(model: nn.Module, cfg, task: str = "causal_lm") -> nn.Module:
+    """Apply the configured method; afterwards only the parameters it trains require grad (and, for task
+    classification, the new classification head)."""
+    if task == "classification":
+        from tunelab.methods import classification
+
+        return classification.attach(model, cfg)
     return METHODS[cfg.name](model, cfg)
 
 
@@ -51,9 +56,14 @@ def method_load_kwargs(cfg, source, device: torch.device) -> dict:
     return hook(cfg, source, device) if hook is not None else {}
 
 
-def build_objective(cfg, model: nn.Module, tokenizer, dtype: torch.dtype | None):
+def build_objective(cfg, model: nn.Module, tokenizer, dtype: torch.dtype | None, task: str = "causal_lm"):
     """The training objective of method `cfg` for the attached `model` (next-token cross-entropy unless the method
-    registered its own). Built before any weight is trained: a reference model is taken from the weights as they are."""
+    registered its own; cross-entropy over classes for task classification). Built before any weight is trained: a
+    reference model is taken from the weights as they are."""
+    if task == "classification":
+        from tunelab.methods import classification
+
+        return classification.objective(cfg, model, tokenizer, dtype)
     hook = OBJECTIVES.get(cfg.name)
     if hook is None:
         from tunelab.train.objective import Objective
@@ -75,7 +85,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-from tunelab.methods import dpo, freeze, full, peft_adapters, qlora, reward
+from tunelab.methods import bottleneck, distill, dpo, freeze, full, peft_adapters, qlora, reward
 
 register_method("full", full.attach)
 register_method("freeze", freeze.attach)
@@ -84,3 +94,5 @@ for _name in ("lora", "rslora", "dora", "ia3", "loha", "lokr", "prefix_tuning", 
 register_method("qlora", qlora.attach, qlora.load_kwargs)
 register_method("dpo", dpo.attach, dpo.load_kwargs, dpo.objective)
 register_method("reward", reward.attach, reward.load_kwargs, reward.objective)
+register_method("adapter", bottleneck.attach)
+register_method("distill", distill.attach, distill.load_kwargs, distill.objective)

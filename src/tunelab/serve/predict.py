@@ -80,7 +80,7 @@ def _detect(rec: Record) -> str:
 
 def _item(rec: Record, fmt: str) -> PredictItem:
     sha = hashlib.sha256(json.dumps(rec.row, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()[:16]
-    if fmt == "text":
+    if fmt in ("text", "classification"):  # a classification row's label is optional here: it is what is predicted
         return PredictItem(rec, None, FORMATS["text"].to_example(rec).text, None, sha)
     row = dict(rec.row)
     has_response = True
@@ -142,17 +142,30 @@ def predict(target: str, input_spec: str | list[str], output: str | Path, batch_
     started = time.perf_counter()
     if todo:
         from tunelab.generate import load_for_inference
+        from tunelab.methods.classification import is_classification_run, load_classifier, predict_labels
 
-        model, tokenizer = load_for_inference(target)
+        labels = None
+        if is_classification_run(target):  # a classifier: `prediction` is a label, `probability` its softmax score
+            if any(item.text is None for _, item in todo):
+                raise TunelabError(f"--input: {target} is a classifier; give rows with a text field (format classification)")
+            model, tokenizer, labels = load_classifier(target)
+        else:
+            model, tokenizer = load_for_inference(target)
         output.parent.mkdir(parents=True, exist_ok=True)
         with open(output, "a", encoding="utf-8") as out, _progress(len(items), len(items) - len(todo), quiet) as advance:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start : start + batch_size]
-                replies = _generate(model, tokenizer, [item for _, item in batch], max_new_tokens, temperature, top_p,
-                                    seed + batch[0][0], system)
-                for (_, item), reply in zip(batch, replies):
+                if labels is not None:
+                    scored = predict_labels(model, tokenizer, [item.text for _, item in batch], labels)
+                    replies = [label for label, _ in scored]
+                else:
+                    replies = _generate(model, tokenizer, [item for _, item in batch], max_new_tokens, temperature,
+                                        top_p, seed + batch[0][0], system)
+                for k, ((_, item), reply) in enumerate(zip(batch, replies)):
                     row = dict(item.record.row)
                     row.update({"prediction": reply, "_input": item.record.where, "_input_sha": item.sha})
+                    if labels is not None:
+                        row["probability"] = round(scored[k][1], 6)
                     if item.reference is not None:
                         row["reference"] = item.reference
                     out.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")

@@ -10,6 +10,7 @@ checkpoint stores every RNG state and the loop position, so a resumed run repeat
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -36,9 +37,11 @@ from tunelab.data.dataset import (
     prepare_data,
     token_budget_batches,
 )
+from tunelab.data.mixture import with_replay
 from tunelab.data.tokenize import Encoded
 from tunelab.errors import TunelabError
-from tunelab.methods import attach_method, build_objective, count_parameters, method_load_kwargs
+from tunelab.methods import attach_method, build_objective, classification, count_parameters, method_load_kwargs
+from tunelab.methods.freeze import gradual_unfreezing
 from tunelab.models.loading import ModelSource, load_model, load_tokenizer, resolve_model
 from tunelab.train.checkpoint import (
     clean_partial,
@@ -52,10 +55,12 @@ from tunelab.train.checkpoint import (
 from tunelab.train.distributed import LossModule, init_distributed
 from tunelab.train.memory import CPU_MICRO_BATCH_TOKENS, plan_memory, return_freed_memory
 from tunelab.train.objective import Objective, check_data_format
+from tunelab.train.parallel import Workers, backward_in_threads, deal, step_threads
+from tunelab.train.penalty import build_penalty
 from tunelab.train.precision import autocast, pick_device, pick_precision, share_input_casts, store_frozen_in
 from tunelab.train.progress import TrainProgress
 from tunelab.train.run_dir import MetricsLog, plot_loss, round_metric, write_json_atomic
-from tunelab.train.schedule import build_scheduler
+from tunelab.train.schedule import build_scheduler, layer_lr_scales
 from tunelab.train.tracking import Trackers, open_trackers
 
 
@@ -86,7 +91,8 @@ def evaluate_loss(model, examples: list[Encoded], batch_size: int, pad_id: int, 
 
 @torch.no_grad()
 def loss_totals(model, examples: list[Encoded], batch_size: int, pad_id: int, device, dtype,
-                objective: Objective | None = None, stats: dict[str, float] | None = None) -> tuple[float, int]:
+                objective: Objective | None = None, stats: dict[str, float] | None = None,
+                workers: Workers | None = None) -> tuple[float, int]:
     """(summed loss, units: trained tokens or pairs) over examples; the objective's metric sums go into `stats`.
 
     Batches hold examples of similar length, at most `batch_size` of them; on a CPU also at most ~512 padded tokens,
@@ -101,11 +107,29 @@ def loss_totals(model, examples: list[Encoded], batch_size: int, pad_id: int, de
         chunks = budget_chunks(order, lengths, CPU_MICRO_BATCH_TOKENS, batch_size)
     else:
         chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for chunk in chunks:
-        batch = {k: v.to(device) for k, v in objective.collate([examples[i] for i in chunk], pad_id).items()}
-        with autocast(device, dtype):
-            loss, n = objective.loss(model, batch, stats)
-        total, count = total + float(loss), count + n
+    threads = torch.get_num_threads() if device.type == "cpu" and objective.thread_safe else 1
+    threads = min(threads, workers.threads) if workers is not None else threads
+
+    def score(_thread: int, indices: list[int]) -> dict[int, tuple[float, int, dict[str, float]]]:
+        out = {}
+        for c in indices:
+            batch = {k: v.to(device) for k, v in objective.collate([examples[i] for i in chunks[c]], pad_id).items()}
+            sums: dict[str, float] = {}
+            with autocast(device, dtype):
+                loss, n = objective.loss(model, batch, sums if stats is not None else None)
+            out[c] = (float(loss), n, sums)
+        return out
+
+    # On a CPU the batches run side by side, one core each (train/parallel.py); summed in batch order either way.
+    scored: dict[int, tuple[float, int, dict[str, float]]] = {}
+    with contextlib.nullcontext(workers) if workers is not None else Workers(threads) as pool:
+        for part in pool.run(score, deal([sum(lengths[i] for i in c) for c in chunks], threads) if chunks else []):
+            scored.update(part)
+    for c in range(len(chunks)):
+        loss, n, sums = scored[c]
+        total, count = total + loss, count + n
+        for key, value in sums.items():
+            stats[key] = stats.get(key, 0.0) + value
     model.train(was_training)
     return total, count
 
@@ -124,7 +148,8 @@ def check_run(cfg: RunConfig, resume: bool | str | None = None) -> None:
     source = resolve_model(cfg.model)
     method_load_kwargs(cfg.method, source, pick_device(cfg.training.device))
     open_trackers(cfg)
-    data = prepare_data(cfg.data, load_tokenizer(source), cfg.training.seed, base=source)
+    tokenizer = load_tokenizer(source)
+    data = with_replay(prepare_data(cfg.data, tokenizer, cfg.training.seed, base=source), cfg, tokenizer, cfg.training.seed, source)
     check_data_format(cfg.method, data.format)
     _prepare_run_dir(cfg, cfg.resume if resume is None else resume, dry_run=True)
 
@@ -139,7 +164,7 @@ def _prepare_run_dir(cfg: RunConfig, resume: bool | str, dry_run: bool = False) 
         if resume is True:
             raise TunelabError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}; run without --resume to start fresh")
     if run_dir.exists() and any(run_dir.iterdir()):
-        if {p.name for p in run_dir.iterdir()} == {"data"} and (run_dir / "data" / "data_report.json").is_file():
+        if {p.name for p in run_dir.iterdir()} == {"data"} and any(run_dir.glob("data/**/data_report.json")):
             return run_dir, None  # only `tunelab data prepare` output: train writes the same files again
         if not (run_dir / "config.yaml").is_file():
             raise TunelabError(f"output.dir: {run_dir} is not empty and is not a tunelab run; choose a new or empty directory")
@@ -156,11 +181,18 @@ def _prepare_run_dir(cfg: RunConfig, resume: bool | str, dry_run: bool = False) 
 
 
 def _optimizer(model, cfg, optim: str = "adamw") -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    """AdamW over the trainable parameters: a decayed and a not-decayed group (biases, norms) per learning rate, one
+    learning rate unless training.layer_lr_decay gives each block its own (the schedule scales every group alike)."""
+    scales = layer_lr_scales(model, cfg.layer_lr_decay) if cfg.layer_lr_decay is not None else {}
+    by_scale: dict[float, tuple[list, list]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
+            decay, no_decay = by_scale.setdefault(scales.get(id(p), 1.0), ([], []))
             (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [group for scale, (decay, no_decay) in sorted(by_scale.items(), key=lambda kv: -kv[0])
+              for group in ({"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.learning_rate * scale},
+                            {"params": no_decay, "weight_decay": 0.0, "lr": cfg.learning_rate * scale})]
+    groups = groups or [{"params": [], "weight_decay": cfg.weight_decay}, {"params": [], "weight_decay": 0.0}]
     if optim in ("adamw_8bit", "paged_adamw_8bit"):  # qlora's optim: bitsandbytes' 8-bit states (paging is CUDA-only)
         import bitsandbytes as bnb
 
@@ -182,7 +214,9 @@ def epoch_batches(n: int, lengths: list[int], cfg, epoch: int) -> list[list[int]
 
 def plan_steps(data: PreparedData, cfg) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps)."""
-    if cfg.max_tokens_per_batch:
+    if getattr(data, "mixture", None) is not None:
+        n_batches = data.mixture.batches_per_epoch(cfg.batch_size)
+    elif cfg.max_tokens_per_batch:
         n_batches = len(token_budget_batches(train_lengths(data), cfg.max_tokens_per_batch, cfg.seed, 0))
     else:
         n_batches = math.ceil(len(data.train) / cfg.batch_size)
@@ -201,6 +235,7 @@ def save_model(model, tokenizer, out: Path) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
+    classification.save_labels(model, tmp)  # a classifier's class names (a PEFT adapter has no config.json for them)
     tokenizer.save_pretrained(tmp)
     if out.exists():
         shutil.rmtree(out)
@@ -237,26 +272,36 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
     # MLflow / W&B: a missing library or unusable tracking URI fails here; only rank 0 reports.
     trackers = open_trackers(cfg) if dist.main else Trackers({})
     tokenizer = load_tokenizer(source)
-    data = dist.main_first(lambda: prepare_data(cfg.data, tokenizer, t.seed, base=source))  # one cache write
+    data = dist.main_first(lambda: with_replay(prepare_data(cfg.data, tokenizer, t.seed, base=source), cfg, tokenizer, t.seed,
+                                               source))  # one cache write; data.tasks and replay: mixed batches
     check_data_format(cfg.method, data.format)
     dtype = pick_precision(t.precision, device)
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     run_dir, checkpoint = dist.on_main(lambda: _prepare_run_dir(cfg, resume))
+    if cfg.task == "classification":  # a classification head with one output per training label
+        load_kwargs = {**load_kwargs, **classification.load_kwargs(data.labels, tokenizer)}
     model = load_model(source, **load_kwargs)
     model.config.use_cache = False
     torch.manual_seed(t.seed)  # method init (LoRA A matrices) is seeded independently of loading
-    model = attach_method(model, cfg.method).to(device)
+    model = attach_method(model, cfg.method, cfg.task).to(device)
     if dist.active:
         torch.manual_seed(t.seed + dist.rank)  # dropout masks differ between ranks
     if dtype is not None and hasattr(model, "peft_config"):
         store_frozen_in(model, dtype)
     if dtype is not None:
         share_input_casts(model, dtype)
-    objective = build_objective(cfg.method, model, tokenizer, dtype)  # what a step optimizes; before any weight moves
+    objective = build_objective(cfg.method, model, tokenizer, dtype, cfg.task)  # what a step optimizes; before any weight moves
     lengths = train_lengths(data)
     micro_tokens, checkpointing, memory_plan = plan_memory(
         t.micro_batch_tokens, t.gradient_checkpointing if getattr(cfg.method, "supports_gradient_checkpointing", True) else False,
         model.config, dtype, device, max(lengths, default=1))
+    threads = step_threads(t.micro_batch_threads, device, model, objective.thread_safe, dist.world)
+    workers = Workers(threads)  # pool threads for the whole run (training steps and evaluation)
+    if threads > 1:
+        before = micro_tokens
+        if t.micro_batch_tokens == "auto" and micro_tokens:
+            micro_tokens = max(1, micro_tokens // threads)  # the same tokens in flight, shared by the threads
+        memory_plan = memory_plan.replace(f"<= {before} tokens", f"<= {micro_tokens} tokens, {threads} at once")
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -265,6 +310,11 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
     per_epoch, total_steps = plan_steps(data, t)
     warmup = t.warmup_steps if t.warmup_steps is not None else math.ceil(t.warmup_ratio * total_steps)
     optimizer = _optimizer(model, t, getattr(cfg.method, "optim", "adamw"))
+    # continual.penalty (l2sp/ewc): anchored at the starting weights, before a resumed checkpoint loads over them
+    penalty = build_penalty(cfg, model, objective, data.train, tokenizer, tokenizer.pad_token_id, device, dtype, t.seed)
+    unfreezing = gradual_unfreezing(model, cfg.method)  # freeze with unfreeze_every: blocks join the training over time
+    if unfreezing is not None:
+        unfreezing.apply(0, 0)  # the optimizer holds every block; the checkpoint to resume holds at least these
     step_model = LossModule(model, objective.loss)
     if dist.active:  # DDP (or FSDP/DeepSpeed) wraps the loss so that its hooks see every trainable parameter
         if t.distributed.strategy == "ddp":
@@ -307,12 +357,20 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
             return None
         names = objective.metric_names  # fixed, so that ranks without validation rows sum the same values
         stats = dict.fromkeys(names, 0.0)
-        examples = dist.shard(list(data.validation)) if dist.active else data.validation
-        total, count = loss_totals(model, examples, t.batch_size, pad_id, device, dtype, objective, stats)
-        if dist.active:
-            total, count, *sums = dist.sum(total, count, *(stats[k] for k in names))
-            stats = dict(zip(names, sums))
-        return {"eval_loss": total / max(count, 1), **{f"eval_{k}": stats[k] / max(count, 1) for k in names}}
+        total, count, per_task = 0.0, 0, {}
+        for task, part in (getattr(data, "eval_parts", None) or {"": data.validation}).items():  # data.tasks: each task
+            examples = dist.shard(list(part)) if dist.active else part
+            part_total, part_count = loss_totals(model, examples, t.batch_size, pad_id, device, dtype, objective, stats,
+                                                  workers if workers.threads > 1 else None)
+            if dist.active:
+                part_total, part_count = dist.sum(part_total, part_count)
+            total, count = total + part_total, count + int(part_count)
+            if task:
+                per_task[f"eval_loss/{task}"] = part_total / max(part_count, 1)
+        if dist.active and names:
+            stats = dict(zip(names, dist.sum(*(stats[k] for k in names))))
+        return {"eval_loss": total / max(count, 1), **per_task,
+                **{f"eval_{k}": v for k, v in objective.eval_metrics(stats, count).items()}}
 
     def checkpoint_now() -> None:
         rngs = dist.gather(rng_state()) if dist.active else None  # every rank's dropout stream, for an exact resume
@@ -333,10 +391,13 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
     # 3. Fit.
     with progress:
         while not stop:
-            batches_now = epoch_batches(len(data.train), lengths, t, state["epoch"])
+            batches_now = (data.mixture.epoch_batches(t.batch_size, t.seed, state["epoch"]) if getattr(data, "mixture", None)
+                           else epoch_batches(len(data.train), lengths, t, state["epoch"]))
             steps = [batches_now[i : i + t.gradient_accumulation] for i in range(0, len(batches_now), t.gradient_accumulation)]
             for step_batches in steps[state["step_in_epoch"] :]:
                 tick = time.perf_counter()
+                if unfreezing is not None:
+                    unfreezing.apply(state["step"], state["epoch"])
                 # With several processes each takes every world-th example of each batch; a rank left without any
                 # (a batch smaller than the group) still runs one example at weight 0 to join the gradient all-reduce.
                 mine = [part for part in (dist.shard(b) for b in step_batches) if part]
@@ -346,7 +407,16 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
                 n_trained = 0 if idle else sum(objective.count(b) for b in batches)
                 n_trained = max(1, int(dist.sum(n_trained)[0]))
                 loss_sum, tokens = 0.0, 0
-                for k, batch in enumerate(batches):
+                if threads > 1 and len(batches) > 1:  # a CPU: micro-batches side by side, one core each
+                    def loss_of(batch, n_trained=n_trained):
+                        with autocast(device, dtype):
+                            loss, _ = step_model(batch)
+                        return loss / n_trained, float(loss.detach())
+
+                    trainable_now = [p for p in model.parameters() if p.requires_grad]
+                    loss_sum = sum(backward_in_threads(loss_of, batches, trainable_now, workers))
+                    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+                for k, batch in enumerate(batches if threads == 1 or len(batches) == 1 else []):
                     batch = {key: v.to(device) for key, v in batch.items()}
                     with dist.no_sync(step_model, sync=k == len(batches) - 1):
                         with autocast(device, dtype):
@@ -361,6 +431,12 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
                 if dist.active:
                     loss_sum, tokens = dist.sum(loss_sum, tokens)
                     tokens = int(tokens)
+                penalty_value = None
+                if penalty is not None:  # once per step, on the weights (identical on every rank)
+                    value = penalty()
+                    if value.requires_grad:
+                        scaler.scale(value).backward()
+                    penalty_value = float(value.detach())
                 grad_norm = None
                 scaler.unscale_(optimizer)
                 if t.max_grad_norm is not None:
@@ -384,6 +460,8 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
                           "train_loss": round(last_train_loss, 6), "lr": lr, "tokens_per_s": round(tokens / dt, 1)}
                 if grad_norm is not None:
                     record["grad_norm"] = round(grad_norm, 6)
+                if penalty_value is not None:
+                    record["penalty"] = round(penalty_value, 6)
                 end_of_epoch = state["step_in_epoch"] == len(steps)
                 done = state["step"] >= total_steps
                 if (t.eval_every and state["step"] % t.eval_every == 0) or end_of_epoch or done:
@@ -423,6 +501,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
     if best is not None and t.early_stopping:
         load_trainable_state(model, best)
         final_eval = state["best_eval"]
+    workers.close()
     if not dist.main:
         dist.finish()
         return TrainResult(run_dir, {})
@@ -461,6 +540,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
         "precision": precision,
         "device": device.type,
         "micro_batch_tokens": micro_tokens,
+        "micro_batch_threads": threads,
         "gradient_checkpointing": checkpointing,
         "processes": dist.world,
         "python": sys.version.split()[0],

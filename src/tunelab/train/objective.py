@@ -26,6 +26,9 @@ class Objective:
 
     unit = "token"
     metric_names: tuple[str, ...] = ()  # what `loss` adds to `stats` in evaluation (sums over units)
+    # `loss` may run on several threads at once (train/parallel.py): it keeps no state between calls and switches
+    # nothing on the model
+    thread_safe = True
 
     def collate(self, examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         return collate(examples, pad_id)
@@ -37,12 +40,18 @@ class Objective:
         """(summed loss, units); with `stats` given, also add this batch's sums of extra metrics to it."""
         return causal_lm_loss(model, batch)
 
+    def eval_metrics(self, stats: dict[str, float], count: int) -> dict[str, float]:
+        """The evaluation's extra metrics (logged as eval_<name>) from the sums in `stats` over `count` units: each sum
+        per unit, unless an objective derives others (a classifier's macro-F1 from per-class counts)."""
+        return {k: stats[k] / max(count, 1) for k in self.metric_names}
+
 
 class PairObjective(Objective):
     """Objectives over preference pairs: a batch of n pairs is 2n rows, the chosen conversations first."""
 
     unit = "pair"
     metric_names = ("chosen_reward", "rejected_reward", "reward_accuracy", "reward_margin")
+    thread_safe = False  # DPO's reference pass turns the adapter off for the whole model
 
     def collate(self, examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         if any(e.rejected_ids is None for e in examples):

@@ -122,7 +122,8 @@ def _check(cfg: RunConfig, tune: TuneConfig) -> None:
     if not cfg.search:
         raise TunelabError("search: nothing to tune; declare the space, e.g. "
                            "search: {training.learning_rate: {type: loguniform, low: 1.0e-5, high: 1.0e-3}}")
-    if tune.metric in EVAL_LOSS_METRICS and cfg.data.validation is None and cfg.data.split is None:
+    task_validation = any(t.validation is not None for t in cfg.data.tasks or [])  # data.tasks: each task's own
+    if tune.metric in EVAL_LOSS_METRICS and cfg.data.validation is None and cfg.data.split is None and not task_validation:
         raise TunelabError(f"data.validation: tune.metric {tune.metric} needs validation data; "
                            "set data.validation (a file or a fraction such as 0.1)")
     study_dir = Path(cfg.output.dir)
