@@ -53,3 +53,14 @@ def test_version_flag():
 
     res = CliRunner().invoke(app, ["--version"])
     assert res.exit_code == 0 and res.stdout.strip() == f"tunelab {tunelab.__version__}"
+
+
+def test_a_vanishing_temperature_is_greedy_not_an_overflow(tiny_run):
+    """temperature 2.2e-309 (an API client's random case) divided the logits to inf and crashed sampling."""
+    from tunelab.generate import generate, generation_kwargs, load_for_inference
+
+    model, tokenizer = load_for_inference(tiny_run)
+    assert generation_kwargs(tokenizer, 4, 2.2e-309, 1.0)["do_sample"] is False
+    assert generation_kwargs(tokenizer, 4, 1e-3, 1.0)["do_sample"] is True
+    tiny = generate(model, tokenizer, ["Say hi."], max_new_tokens=4, temperature=2.2e-309)
+    assert tiny == generate(model, tokenizer, ["Say hi."], max_new_tokens=4, temperature=0.0)

@@ -88,8 +88,9 @@ def _method_load_kwargs(method: dict | None, source) -> dict:
 
 
 def generation_kwargs(tokenizer, max_new_tokens: int, temperature: float, top_p: float) -> dict:
-    """Greedy when temperature is 0, else nucleus sampling; stops at the chat template's end-of-turn token."""
-    sample = temperature > 0
+    """Greedy when temperature is 0 (or below 1e-6, where sampling is greedy anyway and logits / temperature would
+    overflow to inf), else nucleus sampling; stops at the chat template's end-of-turn token."""
+    sample = temperature >= 1e-6
     return {
         "max_new_tokens": max_new_tokens,
         "do_sample": sample,
