@@ -173,6 +173,8 @@ def one_line_error(result) -> str:
      "stages.1.data.format: preference rows train with method dpo or reward, not lora"),
     ([{"name": "a", "data": "T", "method": {"name": "prompt_tuning"}}, {"name": "b", "data": "T"}],
      "stages.0.method.name: prompt_tuning cannot be the model the next stage starts from"),
+    ([{"name": "a", "data": "T", "method": {"name": "adapter"}}, {"name": "b", "data": "T"}],
+     "stages.0.method.name: adapter cannot be the model the next stage starts from (bottleneck adapters are non-linear"),
     ([{"name": "a", "data": "T", "continual": {"replay": {"data": "previous"}}}, {"name": "b", "data": "T"}],
      "stages.0.continual.replay.data: 'previous' replays the earlier stages' data, and stage 0 has none"),
     ([{"name": "a", "data": "T"}, {"name": "b", "data": "P", "method": {"name": "dpo"}, "continual": {"replay": {"data": "previous"}}}],

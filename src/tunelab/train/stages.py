@@ -42,7 +42,8 @@ from tunelab.config import (
 from tunelab.errors import TunelabError
 
 NOT_CONTINUABLE = {"reward": "a reward model scores replies", "prompt_tuning": "virtual tokens cannot be merged into weights",
-                   "prefix_tuning": "a trained prefix cannot be merged into weights"}
+                   "prefix_tuning": "a trained prefix cannot be merged into weights",
+                   "adapter": "bottleneck adapters are non-linear and cannot be merged into weights"}
 PUBLISHED = ("config.yaml", "summary.json", "metrics.jsonl", "loss_curve.png")
 
 
@@ -111,6 +112,8 @@ def check_stages(cfg: RunConfig, source: str, lines: dict) -> None:
         check_method_fits(sub, source, lines, set(), at)
         check_mixture(sub, source, lines, at)
         method = sub.method.name
+        inner = getattr(getattr(sub.method, "adapter", None), "name", None)  # dpo/distill train through an inner method
+        method = inner if inner in NOT_CONTINUABLE and method not in NOT_CONTINUABLE else method
         if i < last and method in NOT_CONTINUABLE:
             raise TunelabError(f"{where(*at, 'method', 'name')}: {method} cannot be the model the next stage starts from "
                                f"({NOT_CONTINUABLE[method]}); make it the last stage")
