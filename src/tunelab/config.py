@@ -387,7 +387,20 @@ AdapterConfig = Annotated[
 ]
 
 
-class _PreferenceMethod(Section):
+class _ThroughAdapter:
+    """Methods that train through an inner `adapter` method section (their own field) take its optimizer and
+    checkpointing support."""
+
+    @property
+    def optim(self) -> str:
+        return getattr(self.adapter, "optim", "adamw")
+
+    @property
+    def supports_gradient_checkpointing(self) -> bool:
+        return getattr(self.adapter, "supports_gradient_checkpointing", True)
+
+
+class _PreferenceMethod(_ThroughAdapter, Section):
     """Methods that learn from preference pairs (data.format: preference) and train through an inner `adapter`."""
 
     name: str  # each method's Literal; declared first so that `name` leads in config.yaml
@@ -399,14 +412,6 @@ class _PreferenceMethod(Section):
         description="What trains, with that method's own keys: {name: lora, r: 16, ...} (default LoRA), {name: full}, "
         "{name: qlora, ...} or any other method above.",
     )
-
-    @property
-    def optim(self) -> str:
-        return getattr(self.adapter, "optim", "adamw")
-
-    @property
-    def supports_gradient_checkpointing(self) -> bool:
-        return getattr(self.adapter, "supports_gradient_checkpointing", True)
 
 
 class DpoMethod(_PreferenceMethod):
@@ -436,7 +441,7 @@ class RewardMethod(_PreferenceMethod):
     )
 
 
-class DistillMethod(Section):
+class DistillMethod(_ThroughAdapter, Section):
     name: Literal["distill"] = Field(
         description="Knowledge distillation on ordinary training rows: match a teacher model's next-token distribution "
         "(KL at temperature T) besides the data's own tokens (cross-entropy)."
@@ -452,14 +457,6 @@ class DistillMethod(Section):
         description="What trains in the student, with that method's own keys: {name: lora, r: 16, ...} (default LoRA), "
         "{name: full}, or any other method above.",
     )
-
-    @property
-    def optim(self) -> str:
-        return getattr(self.adapter, "optim", "adamw")
-
-    @property
-    def supports_gradient_checkpointing(self) -> bool:
-        return getattr(self.adapter, "supports_gradient_checkpointing", True)
 
     @property
     def supports_packing(self) -> bool:
