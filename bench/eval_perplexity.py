@@ -4,8 +4,9 @@
     python bench/eval_perplexity.py --rows 100 --data my_rows.jsonl
 
 The naive loop is what a user writes first: one row at a time, `model(input_ids, labels=labels).loss` (the full logits
-tensor at every position), token-weighted. tunelab sorts rows by length, batches them, and runs the LM head only where
-labels are scored, chunked. Both score the same tokenized rows (assistant tokens only), so the losses must agree.
+tensor at every position), token-weighted, on the model as transformers loads it. tunelab (the model as `tunelab eval`
+loads it) sorts rows by length, batches them, runs batches side by side on the cores, attention as whole-row matmuls,
+and the LM head only where labels are scored, chunked. Both score the same tokenized rows (assistant tokens only), so the losses must agree.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     args = p.parse_args()
 
-    from tunelab.evaluate.runner import EvalRequest, run_perplexity
+    from tunelab.evaluate.runner import EvalRequest, load_eval_model, run_perplexity
     from tunelab.generate import load_for_inference
 
     if args.data is None:
@@ -63,6 +64,8 @@ def main() -> None:
     ref = naive_loss(model, encoded)
     naive_s = time.perf_counter() - start
     print(f"naive per-row loop (fp32):  loss {ref:.5f}  ppl {math.exp(ref):.3f}  {naive_s:6.1f} s")
+    del model
+    model, tokenizer = load_eval_model(args.model)  # what `tunelab eval` scores with
     for precision in ("fp32", "bf16"):
         req = EvalRequest(target=args.model, perplexity=args.data, limit=args.rows, batch_size=args.batch_size, precision=precision)
         out = run_perplexity(model, tokenizer, req)

@@ -18,7 +18,9 @@ import unicodedata
 from collections.abc import Sequence
 
 import numpy as np
-from datasketch import LeanMinHash, MinHash, MinHashLSH
+
+# datasketch (with scipy: ~44 MB resident) is imported by the near-duplicate functions only: exact dedupe, which every
+# training run does, needs none of it.
 
 # Character 3-grams of the dedupe key. True Jaccard measured on 12 hand-written instructions of ~20 words (joined in twos
 # and threes for 40 and 60 words) with every word in turn replaced by 3 others (2,178 pairs), a 447-character paragraph
@@ -133,6 +135,8 @@ def near_duplicates(texts: Sequence[str], threshold: float = 0.85, num_perm: int
     _check_parameters(threshold, num_perm)
     keys = [dedupe_key(text) for text in texts]
     signatures = _signatures(keys, num_perm, seed)
+    from datasketch import MinHashLSH
+
     index = MinHashLSH(num_perm=num_perm, params=_lsh_bands(threshold, num_perm))
     min_agreeing = _min_agreeing_slots(threshold, num_perm)
     kept_shingles: dict[int, np.ndarray] = {}
@@ -185,6 +189,8 @@ def cross_split_matches(
     indexed = sorted(position for key, position in first_reference_of_key.items() if key)
     reference_signatures = np.zeros((len(reference), num_perm), dtype=np.uint32)
     reference_signatures[indexed] = _signatures([reference_keys[position] for position in indexed], num_perm, seed)
+    from datasketch import MinHashLSH
+
     index = MinHashLSH(num_perm=num_perm, params=_lsh_bands(threshold, num_perm))
     for position in indexed:
         index.insert(position, _lean_minhash(reference_signatures[position], seed), check_duplication=False)
@@ -297,7 +303,9 @@ def _lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     return best
 
 
-def _lean_minhash(signature: np.ndarray, seed: int) -> LeanMinHash:
+def _lean_minhash(signature: np.ndarray, seed: int):
+    from datasketch import LeanMinHash
+
     return LeanMinHash(seed=seed, hashvalues=signature, scheme="affine32")
 
 
@@ -308,6 +316,8 @@ def _signatures(keys: Sequence[str], num_perm: int, seed: int) -> np.ndarray:
     gives (the "affine32" scheme: MurmurHash3 finalizer, then `a * h + b mod 2^32`, minimum per permutation), without a
     Python call per shingle. An empty key gets the all-max signature of an empty MinHash.
     """
+    from datasketch import MinHash
+
     permutation_a, permutation_b = MinHash(num_perm=num_perm, seed=seed).permutations
     signatures = np.full((len(keys), num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
     for position, key in enumerate(keys):

@@ -54,13 +54,17 @@ def _dtype(precision: str) -> torch.dtype | None:
 
 
 def load_eval_model(target: str):
-    """(model, tokenizer) in eval mode; LoRA adapters are merged so scoring runs at the base model's speed."""
+    """(model, tokenizer) in eval mode; LoRA adapters are merged so scoring runs at the base model's speed. On a CPU,
+    attention of short rows runs as whole-row matmuls (train/attention.py)."""
     from tunelab.generate import load_for_inference
+    from tunelab.train.attention import use_short_attention
 
     model, tokenizer = load_for_inference(target)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.eval()
+    if next(model.parameters()).device.type == "cpu":
+        use_short_attention(model)
     return model, tokenizer
 
 

@@ -43,6 +43,7 @@ from tunelab.errors import TunelabError
 from tunelab.methods import attach_method, build_objective, classification, count_parameters, method_load_kwargs
 from tunelab.methods.freeze import gradual_unfreezing
 from tunelab.models.loading import ModelSource, load_model, load_tokenizer, resolve_model
+from tunelab.train.attention import restore_attention, use_short_attention
 from tunelab.train.checkpoint import (
     clean_partial,
     list_checkpoints,
@@ -112,12 +113,14 @@ def loss_totals(model, examples: list[Encoded], batch_size: int, pad_id: int, de
 
     def score(_thread: int, indices: list[int]) -> dict[int, tuple[float, int, dict[str, float]]]:
         out = {}
-        for c in indices:
-            batch = {k: v.to(device) for k, v in objective.collate([examples[i] for i in chunks[c]], pad_id).items()}
-            sums: dict[str, float] = {}
-            with autocast(device, dtype):
+        # One autocast region for all of a thread's batches: autocast keeps its bf16 copy of each fp32 weight for the
+        # region, so weights are cast once per evaluation instead of once per batch.
+        with autocast(device, dtype):
+            for c in indices:
+                batch = {k: v.to(device) for k, v in objective.collate([examples[i] for i in chunks[c]], pad_id).items()}
+                sums: dict[str, float] = {}
                 loss, n = objective.loss(model, batch, sums if stats is not None else None)
-            out[c] = (float(loss), n, sums)
+                out[c] = (float(loss), n, sums)
         return out
 
     # On a CPU the batches run side by side, one core each (train/parallel.py); summed in batch order either way.
@@ -284,6 +287,8 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
     model.config.use_cache = False
     torch.manual_seed(t.seed)  # method init (LoRA A matrices) is seeded independently of loading
     model = attach_method(model, cfg.method, cfg.task).to(device)
+    # attention of short rows as whole-row matmuls (train/attention.py); the model leaves train() with its own again
+    attention = use_short_attention(model) if device.type == "cpu" else None
     if dist.active:
         torch.manual_seed(t.seed + dist.rank)  # dropout masks differ between ranks
     if dtype is not None and hasattr(model, "peft_config"):
@@ -502,6 +507,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
         load_trainable_state(model, best)
         final_eval = state["best_eval"]
     workers.close()
+    restore_attention(model, attention)
     if not dist.main:
         dist.finish()
         return TrainResult(run_dir, {})
@@ -541,6 +547,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
         "device": device.type,
         "micro_batch_tokens": micro_tokens,
         "micro_batch_threads": threads,
+        "attention": "tunelab_cpu" if attention else getattr(model.config, "_attn_implementation", None),
         "gradient_checkpointing": checkpointing,
         "processes": dist.world,
         "python": sys.version.split()[0],
