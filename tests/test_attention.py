@@ -88,7 +88,7 @@ def test_short_attention_is_no_less_accurate_than_sdpa_in_bf16():
 def test_rows_beyond_the_limit_and_cached_decoding_go_to_sdpa(monkeypatch):
     calls = []
     monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **k: calls.append(a[1].shape) or (None, None))
-    q = torch.randn(1, 2, attention.MAX_TOKENS + 1, 4)
+    q = torch.randn(1, 2, attention.CAUSAL_MAX_TOKENS + 1, 4)
     short_attention_forward(_Module(), q, q, q, None)
     short_attention_forward(_Module(), torch.randn(1, 2, 1, 4), q, q, None)  # one new token against a KV cache
     short_attention_forward(_Module(), torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), None,

@@ -316,3 +316,39 @@ def test_evaluation_side_by_side_equals_one_thread(tiny_model_dir, tiny_tokenize
     finally:
         torch.set_num_threads(before)
     assert two[1] == one[1] and two[0] == pytest.approx(one[0], rel=1e-6)
+
+
+def test_cast_weight_is_made_once_per_weight_value():
+    from tunelab.train.loss import cast_weight
+
+    weight = torch.randn(10, 4)
+    first = cast_weight(weight, torch.bfloat16)
+    assert cast_weight(weight, torch.bfloat16) is first and torch.equal(first, weight.to(torch.bfloat16))
+    with torch.no_grad():
+        weight.add_(1.0)  # an optimizer step: the version moves, the cast is made again
+    again = cast_weight(weight, torch.bfloat16)
+    assert again is not first and torch.equal(again, weight.to(torch.bfloat16))
+    assert cast_weight(weight, torch.float32) is weight
+
+
+def test_import_sets_the_allocator_settings_a_user_has_not_set():
+    import subprocess
+    import sys
+
+    code = "import os, tunelab; print(os.environ['THP_MEM_ALLOC_ENABLE'], os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout.split()
+    assert out == ["1", "128"]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**env, "THP_MEM_ALLOC_ENABLE": "0", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}).stdout.split()
+    assert out == ["0", "1024"]
+
+
+def test_exact_dedupe_does_not_import_datasketch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from tunelab.data.dedupe import exact_duplicates, cross_split_matches; "
+            "exact_duplicates(['a b', 'a b', 'c']); cross_split_matches(['a b'], ['a b', 'x'], threshold=None); "
+            "print('datasketch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

@@ -54,7 +54,7 @@ from tunelab.train.checkpoint import (
     trainable_state,
 )
 from tunelab.train.distributed import LossModule, init_distributed
-from tunelab.train.memory import CPU_MICRO_BATCH_TOKENS, plan_memory, return_freed_memory
+from tunelab.train.memory import CPU_MICRO_BATCH_TOKENS, available_memory, plan_memory, return_freed_memory
 from tunelab.train.objective import Objective, check_data_format
 from tunelab.train.parallel import Workers, backward_in_threads, deal, step_threads
 from tunelab.train.penalty import build_penalty
@@ -111,15 +111,20 @@ def loss_totals(model, examples: list[Encoded], batch_size: int, pad_id: int, de
     threads = torch.get_num_threads() if device.type == "cpu" and objective.thread_safe else 1
     threads = min(threads, workers.threads) if workers is not None else threads
 
+    # One autocast region for all of a thread's batches: autocast keeps its bf16 copy of each fp32 weight that requires
+    # grad for the region, so such weights are cast once per evaluation instead of once per batch. Those copies (one set
+    # per thread) must fit easily, else each batch gets its own region.
+    copies = sum(p.numel() for p in model.parameters() if p.requires_grad and p.dtype == torch.float32) * 2 * threads
+    one_region = dtype is not None and copies < available_memory(device) // 4
+
     def score(_thread: int, indices: list[int]) -> dict[int, tuple[float, int, dict[str, float]]]:
         out = {}
-        # One autocast region for all of a thread's batches: autocast keeps its bf16 copy of each fp32 weight for the
-        # region, so weights are cast once per evaluation instead of once per batch.
-        with autocast(device, dtype):
+        with autocast(device, dtype) if one_region else contextlib.nullcontext():
             for c in indices:
                 batch = {k: v.to(device) for k, v in objective.collate([examples[i] for i in chunks[c]], pad_id).items()}
                 sums: dict[str, float] = {}
-                loss, n = objective.loss(model, batch, sums if stats is not None else None)
+                with contextlib.nullcontext() if one_region else autocast(device, dtype):
+                    loss, n = objective.loss(model, batch, sums if stats is not None else None)
                 out[c] = (float(loss), n, sums)
         return out
 
