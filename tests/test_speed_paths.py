@@ -318,17 +318,17 @@ def test_evaluation_side_by_side_equals_one_thread(tiny_model_dir, tiny_tokenize
     assert two[1] == one[1] and two[0] == pytest.approx(one[0], rel=1e-6)
 
 
-def test_cast_weight_is_made_once_per_weight_value():
-    from tunelab.train.loss import cast_weight
+def test_cached_cast_is_made_once_per_weight_value():
+    from tunelab.train.precision import cached_cast
 
     weight = torch.randn(10, 4)
-    first = cast_weight(weight, torch.bfloat16)
-    assert cast_weight(weight, torch.bfloat16) is first and torch.equal(first, weight.to(torch.bfloat16))
+    first = cached_cast(weight, torch.bfloat16)
+    assert cached_cast(weight, torch.bfloat16) is first and torch.equal(first, weight.to(torch.bfloat16))
     with torch.no_grad():
         weight.add_(1.0)  # an optimizer step: the version moves, the cast is made again
-    again = cast_weight(weight, torch.bfloat16)
+    again = cached_cast(weight, torch.bfloat16)
     assert again is not first and torch.equal(again, weight.to(torch.bfloat16))
-    assert cast_weight(weight, torch.float32) is weight
+    assert cached_cast(weight, torch.float32) is weight
 
 
 def test_import_sets_the_allocator_settings_a_user_has_not_set():

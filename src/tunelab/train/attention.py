@@ -75,7 +75,7 @@ def _probabilities(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, 
     return torch.softmax(scores, dim=-1)
 
 
-def _bias(attention_mask: torch.Tensor | None, causal: bool, batch: int, kv_heads: int, group: int, length: int,
+def _bias(attention_mask: torch.Tensor | None, causal: bool, kv_heads: int, group: int, length: int,
           device: torch.device) -> torch.Tensor | None:
     """The additive fp32 mask, broadcastable to [batch, kv_heads, group, length, length] (never expanded to it: it is
     kept for the backward pass), or None for no mask."""
@@ -112,7 +112,7 @@ def short_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     q = query.reshape(batch * kv_heads, group * length, dim)  # the group's query heads stacked along the rows
     k = key.reshape(batch * kv_heads, length, dim)
     v = value.reshape(batch * kv_heads, length, dim)
-    bias = _bias(attention_mask, causal, batch, kv_heads, group, length, query.device)
+    bias = _bias(attention_mask, causal, kv_heads, group, length, query.device)
     out = _ShortAttention.apply(q, k, v, bias, scale, kv_heads)
     return out.view(batch, heads, length, dim).transpose(1, 2).contiguous(), None
 

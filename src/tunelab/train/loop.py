@@ -43,6 +43,7 @@ from tunelab.errors import TunelabError
 from tunelab.methods import attach_method, build_objective, classification, count_parameters, method_load_kwargs
 from tunelab.methods.freeze import gradual_unfreezing
 from tunelab.models.loading import ModelSource, load_model, load_tokenizer, resolve_model
+from tunelab.train.attention import NAME as ATTENTION_NAME
 from tunelab.train.attention import restore_attention, use_short_attention
 from tunelab.train.checkpoint import (
     clean_partial,
@@ -552,7 +553,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
         "device": device.type,
         "micro_batch_tokens": micro_tokens,
         "micro_batch_threads": threads,
-        "attention": "tunelab_cpu" if attention else getattr(model.config, "_attn_implementation", None),
+        "attention": ATTENTION_NAME if attention else getattr(model.config, "_attn_implementation", None),
         "gradient_checkpointing": checkpointing,
         "processes": dist.world,
         "python": sys.version.split()[0],

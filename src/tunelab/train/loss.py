@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data.tokenize import IGNORE
+from tunelab.train.precision import cached_cast
 
 
 def _backbone_and_head(model):
@@ -62,20 +63,6 @@ def _compute_dtype(device_type: str, fallback: torch.dtype) -> torch.dtype:
     return fallback
 
 
-def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`weight.to(dtype)`, computed once per weight value and shared by every caller (micro-batches, threads): an LM head
-    tied to a frozen fp32 embedding (49k x 576 for SmolLM2) was re-cast for every micro-batch, 57 MB each time. The cast
-    hangs on the weight, and is made again when the weight changes (its version moves with every in-place update)."""
-    if weight.dtype == dtype:
-        return weight
-    cached = getattr(weight, "_tunelab_cast", None)
-    if cached is not None and cached[0] == (dtype, weight._version, weight.data_ptr()):
-        return cached[1]
-    cast = weight.detach().to(dtype)
-    weight._tunelab_cast = ((dtype, weight._version, weight.data_ptr()), cast)
-    return cast
-
-
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T, target_i), chunk by chunk; gradients are computed in the forward pass.
 
@@ -86,7 +73,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, softcap, chunk_rows, grad_enabled):
         dtype = _compute_dtype(hidden.device.type, hidden.dtype)  # the matmul precision autocast would use
-        w = cast_weight(weight, dtype)
+        w = cached_cast(weight, dtype)
         # needs_input_grad follows requires_grad even under no_grad (evaluation), where no gradient will be asked for
         want_h, want_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
@@ -145,7 +132,7 @@ class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, softcap, chunk_rows):
         dtype = _compute_dtype(hidden.device.type, hidden.dtype)
-        w = cast_weight(weight, dtype)
+        w = cached_cast(weight, dtype)
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse_all = torch.empty_like(out)
         for start in range(0, hidden.shape[0], chunk_rows):
@@ -163,7 +150,7 @@ class _LinearLogProbs(torch.autograd.Function):
         hidden, weight, targets, lse_all = ctx.saved_tensors
         softcap, dtype = ctx.softcap, ctx.dtype
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        w = cast_weight(weight, dtype)
+        w = cached_cast(weight, dtype)
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
         for start in range(0, hidden.shape[0], ctx.chunk_rows):

@@ -86,6 +86,21 @@ def store_frozen_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
             tensor.data = tensor.data.clone()
 
 
+def cached_cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor.detach().to(dtype)`, computed once per value of `tensor` and shared by every caller (micro-batches, threads,
+    the layers reading one input). An LM head tied to a frozen fp32 embedding (49k x 576 for SmolLM2) was re-cast for
+    every micro-batch, 57 MB each time. The cast hangs on the tensor itself, so it lives as long as its source, and is
+    made again when the tensor changes (its version moves with every in-place update; `.data =` moves its storage)."""
+    if tensor.dtype == dtype:
+        return tensor
+    cached = getattr(tensor, "_tunelab_cast", None)
+    if cached is not None and cached[0] == (dtype, tensor._version, tensor.data_ptr()):
+        return cached[1]
+    cast = tensor.detach().to(dtype)
+    tensor._tunelab_cast = ((dtype, tensor._version, tensor.data_ptr()), cast)
+    return cast
+
+
 class _CastOnce(torch.autograd.Function):
     """`x.to(dtype)` whose value is computed once and shared, and whose gradient returns to `x` in x's dtype.
 
@@ -121,10 +136,7 @@ class _SharedCast:
         x = args[0]
         if x.dtype == self.dtype or not x.is_floating_point() or not torch.is_autocast_enabled(x.device.type):
             return None
-        cast = getattr(x, "_tunelab_cast", None)
-        if cast is None or cast.dtype != self.dtype or getattr(x, "_tunelab_cast_version", None) != x._version:
-            cast = x.detach().to(self.dtype)
-            x._tunelab_cast, x._tunelab_cast_version = cast, x._version
+        cast = cached_cast(x, self.dtype)
         return (_CastOnce.apply(x, cast) if x.requires_grad else cast, *args[1:])
 
 
