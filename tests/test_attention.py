@@ -1,5 +1,6 @@
-"""The CPU attention for short rows (train/attention.py) computes what SDPA computes: outputs and gradients, for causal
-rows, padded batches, packed rows (block-diagonal masks), grouped-query heads, fp32 and bf16; and inside a model."""
+"""The CPU blocked attention (train/attention.py) computes what SDPA computes: outputs and gradients, for causal rows,
+padded batches, packed rows (block-diagonal masks), grouped-query heads, fp32 and bf16, one block or several (the last
+one partial); and inside a model."""
 
 from __future__ import annotations
 
@@ -20,40 +21,52 @@ def _reference(q, k, v, mask, causal):
     """SDPA in fp64 with the key/value heads repeated for each query head."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.double()
     out = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, is_causal=causal and mask is None)
     return out.transpose(1, 2)
 
 
-def _masks(kind: str, batch: int, length: int):
-    if kind == "causal":
+def _masks(kind: str, batch: int, length: int, heads: int):
+    if kind in ("causal", "bidirectional"):
         return None
     causal = torch.ones(length, length, dtype=torch.bool).tril()
+    lengths = torch.tensor([length - 3 * i for i in range(batch)])
+    keep = torch.arange(length)[None] < lengths[:, None]
+    padded = (causal[None] & keep[:, None, :])[:, None]
     if kind == "padded":  # right padding: each row attends to its own real tokens
-        lengths = torch.tensor([length - 3 * i for i in range(batch)])
-        keep = torch.arange(length)[None] < lengths[:, None]
-        return (causal[None] & keep[:, None, :])[:, None]
+        return padded
+    if kind == "additive":  # a float mask, 0 where attended
+        return torch.zeros(padded.shape).masked_fill_(~padded, torch.finfo(torch.float32).min)
+    if kind == "per_head":  # a mask per query head: head h also hides its first h keys (never a whole row)
+        hidden = torch.arange(length)[None, :] < torch.arange(heads)[:, None]
+        return padded & ~(hidden[None, :, None, :] & (torch.arange(length) > heads)[None, None, :, None])
     # packed: rows of 5 and the rest, each attending inside itself only
     segment = (torch.arange(length) >= 5).long()
     same = segment[:, None] == segment[None, :]
     return (causal & same)[None, None].expand(batch, 1, length, length)
 
 
-@pytest.mark.parametrize("mask_kind", ["causal", "padded", "packed"])
+@pytest.mark.parametrize("mask_kind", ["causal", "padded", "packed", "additive", "per_head", "bidirectional"])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_short_attention_equals_sdpa_outputs_and_gradients(mask_kind, heads, kv_heads, dtype):
+@pytest.mark.parametrize("block", [64, 4])  # one block; five, the last holding one row
+def test_short_attention_equals_sdpa_outputs_and_gradients(mask_kind, heads, kv_heads, dtype, block, monkeypatch):
+    monkeypatch.setattr(attention, "BLOCK", block)
     torch.manual_seed(0)
     batch, length, dim = 3, 17, 8
     q = (torch.randn(batch, heads, length, dim) * 2).to(dtype).requires_grad_()
     k = (torch.randn(batch, kv_heads, length, dim) * 2).to(dtype).requires_grad_()
     v = torch.randn(batch, kv_heads, length, dim).to(dtype).requires_grad_()
-    mask = _masks(mask_kind, batch, length)
+    mask = _masks(mask_kind, batch, length, heads)
     grad = torch.randn(batch, length, heads, dim)
-    out, weights = short_attention_forward(_Module(), q, k, v, mask, scaling=dim**-0.5)
+    module = _Module()
+    module.is_causal = mask_kind != "bidirectional"
+    out, weights = short_attention_forward(module, q, k, v, mask, scaling=dim**-0.5)
     assert weights is None and out.shape == (batch, length, heads, dim) and out.dtype == dtype
     out.backward(grad.to(dtype))
     ref_inputs = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    ref = _reference(*ref_inputs, mask, causal=True)
+    ref = _reference(*ref_inputs, mask, causal=module.is_causal)
     ref.backward(grad.double())
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0.05, "atol": 0.05}  # bf16 rounding of inputs and products
     torch.testing.assert_close(out.double(), ref, **tol)
@@ -85,21 +98,25 @@ def test_short_attention_is_no_less_accurate_than_sdpa_in_bf16():
         assert (m - e.grad).abs().max() <= 2 * (s - e.grad).abs().max() + 1e-3
 
 
-def test_rows_beyond_the_limit_and_cached_decoding_go_to_sdpa(monkeypatch):
+def test_unmasked_rows_beyond_the_limit_and_cached_decoding_go_to_sdpa(monkeypatch):
     calls = []
     monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **k: calls.append(a[1].shape) or (None, None))
-    q = torch.randn(1, 2, attention.CAUSAL_MAX_TOKENS + 1, 4)
+    monkeypatch.setattr(attention, "UNMASKED_MAX_TOKENS", 16)
+    q = torch.randn(1, 2, 17, 4)
     short_attention_forward(_Module(), q, q, q, None)
     short_attention_forward(_Module(), torch.randn(1, 2, 1, 4), q, q, None)  # one new token against a KV cache
     short_attention_forward(_Module(), torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), None,
                             dropout=0.1)
     assert len(calls) == 3
+    out, _ = short_attention_forward(_Module(), q, q, q, torch.ones(1, 1, 17, 17, dtype=torch.bool).tril())
+    assert len(calls) == 3 and out.shape == (1, 17, 2, 4)  # a masked row of any length stays
 
 
 def test_a_model_switched_to_short_attention_gives_sdpa_losses_and_gradients(monkeypatch):
+    monkeypatch.setattr(attention, "BLOCK", 8)  # 21 tokens: three blocks
     calls = []
-    apply = attention._ShortAttention.apply
-    monkeypatch.setattr(attention._ShortAttention, "apply", lambda *args: calls.append(1) or apply(*args))
+    apply = attention._BlockedAttention.apply
+    monkeypatch.setattr(attention._BlockedAttention, "apply", lambda *args: calls.append(1) or apply(*args))
     torch.manual_seed(0)
     model = build_tiny_model(97)
     ids = torch.randint(3, 97, (3, 21))

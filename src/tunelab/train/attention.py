@@ -1,18 +1,20 @@
-"""Attention of short rows on a CPU as a few whole-row matmuls instead of torch's blocked flash kernel.
+"""Attention on a CPU as matmuls over blocks of query rows, instead of torch's flash kernel.
 
-torch's CPU flash kernel works through a row in small blocks, and with an explicit mask (any padded or packed batch) its
-backward pass ran at a fraction of matmul speed. Here a row's scores are one batched matmul, the softmax is one fused
-kernel, and the backward pass recomputes the scores (so, like flash attention, nothing of size seq x seq is kept between
-the passes). Measured on one core (9 query / 3 key-value heads of 64, bf16, forward + backward): a padded batch of two
-128-token rows 7.2 ms against SDPA's 13.4; one 64-token row 1.4 against 2.9; but one unpadded row of 192-512 tokens,
-where SDPA runs its causal kernel without a mask, 0.7-1.0x. So masked batches use it up to `MAX_TOKENS` and unmasked
-ones up to `CAUSAL_MAX_TOKENS`; everything else goes to transformers' SDPA path unchanged, as do a KV cache, dropout,
-soft-capping, sliding windows and attention sinks. Two micro-batches side by side (16 Alpaca rows, SmolLM2-135M LoRA)
-ran 6% faster over three paired runs (256/264/292 against 232/263/268 tokens/s).
+A block of `BLOCK` query rows (for every head of a key/value group at once) meets only the keys it can see: with a
+causal mask the rows of block i need keys 0..end of block i, so about half the score matrix is never computed, and
+each block's fp32 scores (576 x at most a few thousand) stay in the cache. The softmax is one fused kernel per block;
+the backward pass recomputes each block's scores, so, as with flash attention, nothing of size seq x seq is kept.
+torch's CPU flash kernel works through rows in smaller tiles, and with an explicit mask (any padded or packed batch)
+it cannot skip the masked half. Measured on one core (9 query / 3 key-value heads of 64, bf16; forward + backward,
+ms; `python bench/attention.py`): one 512-token row 17.0 against SDPA's 27.1, one 1024-token row 58 against 67, two
+padded 256-token rows 11.4 against 17.3, two padded 1024-token rows 140 against 193; forward alone 5.0 against 8.2
+(512) and 17.9 against 23.3 (1024). Unmasked rows above `UNMASKED_MAX_TOKENS`, where SDPA's causal kernel is as fast,
+go to transformers' SDPA path unchanged, as do a KV cache, dropout, soft-capping, sliding windows and attention sinks.
 
 Precision: the scores (q k^T) and the gradient of the probabilities (dO v^T) are computed in fp32 from the bf16 inputs, as
 the flash kernel does; the probabilities meet v, and the gradients meet k and q, in the input dtype with fp32
-accumulation. Under autocast q, k and v are cast to the autocast dtype first, as autocast casts SDPA's inputs.
+accumulation; the key and value gradients sum over the blocks in fp32. Under autocast q, k and v are cast to the
+autocast dtype first, as autocast casts SDPA's inputs.
 
 Registered with transformers as the attention implementation "tunelab_cpu"; `use_short_attention(model)` switches a
 model that runs SDPA to it and `restore_attention(model, previous)` switches it back.
@@ -26,68 +28,83 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "tunelab_cpu"
-MAX_TOKENS = 384  # longer rows: the seq x seq fp32 scores fall out of the cache and the flash kernel wins
-CAUSAL_MAX_TOKENS = 128  # rows with no mask (SDPA's is_causal kernel) only up to here: beyond, that kernel is as fast
+BLOCK = 64  # query rows per block: 32 and 128-256 ran slower (one core; 128-1024-token rows)
+UNMASKED_MAX_TOKENS = 1024  # longer rows with no mask: SDPA's causal kernel was as fast (2048: 238 ms against 217)
 _NEG = torch.finfo(torch.float32).min  # not -inf: a row with nothing to attend to gets uniform weights, not NaN
 
 
-class _ShortAttention(torch.autograd.Function):
-    """softmax(q k^T * scale + bias) v for q [N, M, D] and k, v [N, S, D] (N = batch x kv_heads, M = group x S); bias
-    (fp32) broadcasts to [batch, kv_heads, group, S, S].
+class _BlockedAttention(torch.autograd.Function):
+    """softmax(q k^T * scale + mask) v for q [N, G, S, D] and k, v [N, S, D] (N = batch x kv_heads, G query heads per
+    key/value head), the output shaped as q.
 
-    Grouped-query attention arrives with the query heads of one key/value head stacked along M, so k and v are never
-    repeated and their gradients sum over the group in the matmuls themselves."""
+    Grouped-query attention arrives with the query heads of one key/value head side by side, so k and v are never
+    repeated and their gradients sum over the group in the matmuls themselves. `mask` is None (causal when `causal`,
+    else none) or a bool (True: attend) or additive mask broadcastable to [batch, heads, S, S]."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, scale, kv_heads):
+    def forward(ctx, q, k, v, mask, scale, causal, kv_heads):
         with torch.autocast("cpu", enabled=False):  # the dtypes below are chosen, not autocast's (bmm: bf16)
-            probs = _probabilities(q, k, bias, scale, kv_heads)
-            out = torch.bmm(probs.to(v.dtype), v)
+            n, group, length, dim = q.shape
+            out = torch.empty_like(q)
+            q32, k32 = q.float(), k.float()
+            for start, end, keys in _blocks(length, causal):
+                probs = _probabilities(q32, k32, mask, scale, causal, kv_heads, start, end, keys)
+                out[:, :, start:end] = torch.bmm(probs.to(v.dtype), v[:, :keys]).view(n, group, end - start, dim)
         ctx.save_for_backward(q, k, v, out)
-        ctx.bias, ctx.scale, ctx.kv_heads = bias, scale, kv_heads
+        ctx.mask, ctx.scale, ctx.causal, ctx.kv_heads = mask, scale, causal, kv_heads
         return out
 
     @staticmethod
     @torch.autocast("cpu", enabled=False)
     def backward(ctx, grad_out):
         q, k, v, out = ctx.saved_tensors
-        probs = _probabilities(q, k, ctx.bias, ctx.scale, ctx.kv_heads)
+        n, group, length, dim = q.shape
         grad_out = grad_out.contiguous()
-        grad_v = torch.bmm(probs.to(v.dtype).transpose(1, 2), grad_out)
-        grad_probs = torch.bmm(grad_out.float(), v.float().transpose(1, 2))
-        # d scores = P * (dP - rowsum(dO * O)) * scale
-        row = (grad_out.float() * out.float()).sum(-1, keepdim=True)
-        grad_scores = probs.mul_(grad_probs.sub_(row)).mul_(ctx.scale).to(q.dtype)
-        grad_q = torch.bmm(grad_scores, k)
-        grad_k = torch.bmm(grad_scores.transpose(1, 2), q)
-        return grad_q, grad_k, grad_v, None, None, None
+        q32, k32, v32 = q.float(), k.float(), v.float()
+        row = (grad_out.float() * out.float()).sum(-1, keepdim=True)  # rowsum(dO * O) [N, G, S, 1]
+        grad_q = torch.empty_like(q)
+        grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        grad_v = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        for start, end, keys in _blocks(length, ctx.causal):
+            rows = end - start
+            probs = _probabilities(q32, k32, ctx.mask, ctx.scale, ctx.causal, ctx.kv_heads, start, end, keys)
+            grad_block = grad_out[:, :, start:end].reshape(n, group * rows, dim)
+            grad_v[:, :keys] += torch.bmm(probs.to(v.dtype).transpose(1, 2), grad_block)
+            grad_probs = torch.bmm(grad_block.float(), v32[:, :keys].transpose(1, 2))
+            # d scores = P * (dP - rowsum(dO * O)) * scale
+            grad_probs.view(n, group, rows, keys).sub_(row[:, :, start:end])
+            grad_scores = probs.mul_(grad_probs).mul_(ctx.scale).to(q.dtype)
+            grad_q[:, :, start:end] = torch.bmm(grad_scores, k[:, :keys]).view(n, group, rows, dim)
+            grad_k[:, :keys] += torch.bmm(grad_scores.transpose(1, 2), q[:, :, start:end].reshape(n, group * rows, dim))
+        return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, None
 
 
-def _probabilities(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float, kv_heads: int) -> torch.Tensor:
-    """fp32 softmax(q k^T * scale + bias) (scores in fp32 from q and k in any dtype)."""
-    scores = torch.bmm(q.float(), k.float().transpose(1, 2))
-    if bias is None:
-        scores.mul_(scale)
+def _blocks(length: int, causal: bool):
+    """(first row, end row, keys seen) of each block of query rows."""
+    for start in range(0, length, BLOCK):
+        end = min(start + BLOCK, length)
+        yield start, end, end if causal else length
+
+
+def _probabilities(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool,
+                   kv_heads: int, start: int, end: int, keys: int) -> torch.Tensor:
+    """fp32 softmax(q k^T * scale + mask) of query rows start:end against keys 0:keys, as [N, G x rows, keys]."""
+    n, group, _, dim = q.shape
+    rows = end - start
+    scores = torch.bmm(q[:, :, start:end].reshape(n, group * rows, dim), k[:, :keys].transpose(1, 2)).mul_(scale)
+    blocked = scores.view(n, group, rows, keys)
+    if mask is None:
+        if causal:  # keys beyond the block are already cut; only the diagonal square needs its upper triangle masked
+            blocked[..., start:end] += torch.full((rows, rows), _NEG, device=q.device).triu_(1)
     else:
-        n, rows, length = scores.shape
-        scores = torch.add(bias, scores.view(n // kv_heads, kv_heads, rows // length, length, length), alpha=scale)
-        scores = scores.view(n, rows, length)
+        part = mask[..., start:end, :keys]  # [batch or 1, heads or 1, rows, keys]
+        part = part.unsqueeze(2) if part.shape[1] == 1 else part.reshape(part.shape[0], kv_heads, group, rows, keys)
+        blocked = blocked.view(n // kv_heads, kv_heads, group, rows, keys)
+        if part.dtype == torch.bool:
+            blocked.masked_fill_(~part, _NEG)
+        else:
+            blocked += part
     return torch.softmax(scores, dim=-1)
-
-
-def _bias(attention_mask: torch.Tensor | None, causal: bool, kv_heads: int, group: int, length: int,
-          device: torch.device) -> torch.Tensor | None:
-    """The additive fp32 mask, broadcastable to [batch, kv_heads, group, length, length] (never expanded to it: it is
-    kept for the backward pass), or None for no mask."""
-    if attention_mask is None:
-        return torch.full((length, length), _NEG, device=device).triu_(1) if causal else None
-    if attention_mask.dtype == torch.bool:
-        bias = torch.zeros(attention_mask.shape, dtype=torch.float32, device=device).masked_fill_(~attention_mask, _NEG)
-    else:
-        bias = attention_mask.float()
-    if bias.shape[1] == 1:  # one mask for every head
-        return bias.unsqueeze(2)
-    return bias.expand(-1, kv_heads * group, -1, -1).reshape(bias.shape[0], kv_heads, group, length, length)
 
 
 def short_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -96,8 +113,8 @@ def short_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     """transformers' attention-function signature: query [B, H, S, D], key/value [B, H_kv, S, D] -> ([B, S, H, D], None)."""
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
-    limit = MAX_TOKENS if attention_mask is not None else CAUSAL_MAX_TOKENS
-    if (query.device.type != "cpu" or length > limit or key.shape[2] != length or dropout > 0.0
+    if (query.device.type != "cpu" or (attention_mask is None and length > UNMASKED_MAX_TOKENS)
+            or key.shape[2] != length or dropout > 0.0
             or heads % kv_heads or value.shape[-1] != dim or torch.compiler.is_compiling()
             or any(kwargs.get(name) is not None for name in ("softcap", "sliding_window", "s_aux", "position_bias", "cache"))
             or kwargs.get("output_attentions")):
@@ -109,11 +126,10 @@ def short_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     group = heads // kv_heads
     causal = (is_causal if is_causal is not None else getattr(module, "is_causal", True)) and length > 1
     scale = scaling if scaling is not None else dim**-0.5
-    q = query.reshape(batch * kv_heads, group * length, dim)  # the group's query heads stacked along the rows
+    q = query.reshape(batch * kv_heads, group, length, dim)  # a key/value head's query heads side by side
     k = key.reshape(batch * kv_heads, length, dim)
     v = value.reshape(batch * kv_heads, length, dim)
-    bias = _bias(attention_mask, causal, kv_heads, group, length, query.device)
-    out = _ShortAttention.apply(q, k, v, bias, scale, kv_heads)
+    out = _BlockedAttention.apply(q, k, v, attention_mask, scale, causal, kv_heads)
     return out.view(batch, heads, length, dim).transpose(1, 2).contiguous(), None
 
 

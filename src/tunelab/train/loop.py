@@ -45,6 +45,7 @@ from tunelab.methods.freeze import gradual_unfreezing
 from tunelab.models.loading import ModelSource, load_model, load_tokenizer, resolve_model
 from tunelab.train.attention import NAME as ATTENTION_NAME
 from tunelab.train.attention import restore_attention, use_short_attention
+from tunelab.train.lora_fused import restore_lora, use_fused_lora
 from tunelab.train.checkpoint import (
     clean_partial,
     list_checkpoints,
@@ -301,6 +302,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
         store_frozen_in(model, dtype)
     if dtype is not None:
         share_input_casts(model, dtype)
+    fused = use_fused_lora(model)  # plain LoRA layers as one autograd node each (train/lora_fused.py); undone at the end
     objective = build_objective(cfg.method, model, tokenizer, dtype, cfg.task)  # what a step optimizes; before any weight moves
     lengths = train_lengths(data)
     micro_tokens, checkpointing, memory_plan = plan_memory(
@@ -514,6 +516,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
         final_eval = state["best_eval"]
     workers.close()
     restore_attention(model, attention)
+    restore_lora(fused)
     if not dist.main:
         dist.finish()
         return TrainResult(run_dir, {})
