@@ -47,36 +47,40 @@ def main() -> None:
     print(f"{'batch x tokens':>16} {'mask':>6} | {'SDPA fwd':>9} {'fwd+bwd':>9} | {'tunelab fwd':>11} {'fwd+bwd':>9} | "
           f"{'speed-up fwd':>12} {'fwd+bwd':>8} | max rel diff")
     for batch, length in SHAPES:
-        torch.manual_seed(0)
-        q = torch.randn(batch, heads, length, dim).to(dtype).requires_grad_()
-        k = torch.randn(batch, kv_heads, length, dim).to(dtype).requires_grad_()
-        v = torch.randn(batch, kv_heads, length, dim).to(dtype).requires_grad_()
-        mask = None
-        if batch > 1:  # right padding: every row after the first is 30 tokens shorter
-            keep = torch.arange(length)[None] < torch.tensor([length] + [length - 30] * (batch - 1))[:, None]
-            mask = (torch.ones(length, length, dtype=torch.bool).tril()[None] & keep[:, None, :])[:, None]
-        grad = torch.randn(batch, length, heads, dim).to(dtype)
-        layer = _Layer()
-        times, results = [], []
-        for attend in (sdpa_attention_forward, short_attention_forward):
-            def forward(attend=attend):
-                with torch.no_grad():
-                    attend(layer, q, k, v, mask, scaling=dim**-0.5)
+        _compare(batch, length, heads, kv_heads, dim, dtype, args.repeat)
 
-            def both(attend=attend):
-                out, _ = attend(layer, q, k, v, mask, scaling=dim**-0.5)
-                out.backward(grad)
 
-            times.append((_ms(forward, args.repeat), _ms(both, args.repeat)))
-            q.grad = k.grad = v.grad = None
+def _compare(batch: int, length: int, heads: int, kv_heads: int, dim: int, dtype: torch.dtype, repeat: int) -> None:
+    torch.manual_seed(0)
+    q = torch.randn(batch, heads, length, dim).to(dtype).requires_grad_()
+    k = torch.randn(batch, kv_heads, length, dim).to(dtype).requires_grad_()
+    v = torch.randn(batch, kv_heads, length, dim).to(dtype).requires_grad_()
+    mask = None
+    if batch > 1:  # right padding: every row after the first is 30 tokens shorter
+        keep = torch.arange(length)[None] < torch.tensor([length] + [length - 30] * (batch - 1))[:, None]
+        mask = (torch.ones(length, length, dtype=torch.bool).tril()[None] & keep[:, None, :])[:, None]
+    grad = torch.randn(batch, length, heads, dim).to(dtype)
+    layer = _Layer()
+    times, results = [], []
+    for attend in (sdpa_attention_forward, short_attention_forward):
+        def forward(attend=attend):
+            with torch.no_grad():
+                attend(layer, q, k, v, mask, scaling=dim**-0.5)
+
+        def both(attend=attend):
             out, _ = attend(layer, q, k, v, mask, scaling=dim**-0.5)
             out.backward(grad)
-            results.append([t.detach().float() for t in (out, q.grad, k.grad, v.grad)])
-            q.grad = k.grad = v.grad = None
-        diff = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(results[1], results[0]))
-        (sf, sb), (tf, tb) = times
-        print(f"{batch:>7} x {length:<6} {'yes' if mask is not None else 'no':>6} | {sf:9.2f} {sb:9.2f} | {tf:11.2f} "
-              f"{tb:9.2f} | {sf / tf:11.2f}x {sb / tb:7.2f}x | {diff:.4f}", flush=True)
+
+        times.append((_ms(forward, repeat), _ms(both, repeat)))
+        q.grad = k.grad = v.grad = None
+        out, _ = attend(layer, q, k, v, mask, scaling=dim**-0.5)
+        out.backward(grad)
+        results.append([t.detach().float() for t in (out, q.grad, k.grad, v.grad)])
+        q.grad = k.grad = v.grad = None
+    diff = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(results[1], results[0]))
+    (sf, sb), (tf, tb) = times
+    print(f"{batch:>7} x {length:<6} {'yes' if mask is not None else 'no':>6} | {sf:9.2f} {sb:9.2f} | {tf:11.2f} "
+          f"{tb:9.2f} | {sf / tf:11.2f}x {sb / tb:7.2f}x | {diff:.4f}", flush=True)
 
 
 if __name__ == "__main__":

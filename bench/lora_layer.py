@@ -38,40 +38,44 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=30)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from peft import LoraConfig, get_peft_model
-
     print(f"{args.tokens} tokens, rank {args.rank}, bf16 autocast, {args.threads} thread(s); ms per forward + backward")
     print(f"{'in -> out':>12} | {'PEFT':>7} | {'fused':>7} | speed-up | max rel diff of gradients")
     for fan_in, fan_out in SHAPES:
-        torch.manual_seed(0)
-        model = get_peft_model(nn.Sequential(nn.Linear(fan_in, fan_out, bias=False)),
-                               LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["0"]))
-        layer = model.base_model.model[0]
-        with torch.no_grad():
-            layer.lora_B.default.weight.normal_(0, 0.02)
-        store_frozen_in(model, torch.bfloat16)
-        share_input_casts(model, torch.bfloat16)
-        x = torch.randn(args.tokens, fan_in, requires_grad=True)
-        grad = torch.randn(args.tokens, fan_out).bfloat16()
-        trained = (x, layer.lora_A.default.weight, layer.lora_B.default.weight)
+        _compare(fan_in, fan_out, args.tokens, args.rank, args.repeat)
 
-        def step():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = model(x)
-            out.backward(grad)
 
-        results = []
-        for fused in (False, True):
-            if fused:
-                use_fused_lora(model)
-            for t in trained:
-                t.grad = None
-            step()
-            grads = [t.grad.clone() for t in trained]
-            results.append((_ms(step, args.repeat), grads))
-        (peft_ms, ref), (fused_ms, mine) = results
-        diff = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(mine, ref))
-        print(f"{fan_in:>5} -> {fan_out:<4} | {peft_ms:7.3f} | {fused_ms:7.3f} | {peft_ms / fused_ms:7.2f}x | {diff:.4f}")
+def _compare(fan_in: int, fan_out: int, tokens: int, rank: int, repeat: int) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(fan_in, fan_out, bias=False)),
+                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["0"]))
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_B.default.weight.normal_(0, 0.02)
+    store_frozen_in(model, torch.bfloat16)
+    share_input_casts(model, torch.bfloat16)
+    x = torch.randn(tokens, fan_in, requires_grad=True)
+    grad = torch.randn(tokens, fan_out).bfloat16()
+    trained = (x, layer.lora_A.default.weight, layer.lora_B.default.weight)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.backward(grad)
+
+    results = []
+    for fused in (False, True):
+        if fused:
+            use_fused_lora(model)
+        for t in trained:
+            t.grad = None
+        step()
+        grads = [t.grad.clone() for t in trained]
+        results.append((_ms(step, repeat), grads))
+    (peft_ms, ref), (fused_ms, mine) = results
+    diff = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(mine, ref))
+    print(f"{fan_in:>5} -> {fan_out:<4} | {peft_ms:7.3f} | {fused_ms:7.3f} | {peft_ms / fused_ms:7.2f}x | {diff:.4f}")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ from tunelab.methods.freeze import gradual_unfreezing
 from tunelab.models.loading import ModelSource, load_model, load_tokenizer, resolve_model
 from tunelab.train.attention import NAME as ATTENTION_NAME
 from tunelab.train.attention import restore_attention, use_short_attention
-from tunelab.train.lora_fused import restore_lora, use_fused_lora
 from tunelab.train.checkpoint import (
     clean_partial,
     list_checkpoints,
@@ -56,6 +55,7 @@ from tunelab.train.checkpoint import (
     trainable_state,
 )
 from tunelab.train.distributed import LossModule, init_distributed
+from tunelab.train.lora_fused import restore_lora, use_fused_lora
 from tunelab.train.memory import CPU_MICRO_BATCH_TOKENS, available_memory, plan_memory, return_freed_memory
 from tunelab.train.objective import Objective, check_data_format
 from tunelab.train.parallel import Workers, backward_in_threads, deal, step_threads
