@@ -9,7 +9,8 @@ it cannot skip the masked half. Measured on one core (9 query / 3 key-value head
 ms; `python bench/attention.py`): one 512-token row 17.0 against SDPA's 27.1, one 1024-token row 58 against 67, two
 padded 256-token rows 11.4 against 17.3, two padded 1024-token rows 140 against 193; forward alone 5.0 against 8.2
 (512) and 17.9 against 23.3 (1024). Unmasked rows above `UNMASKED_MAX_TOKENS`, where SDPA's causal kernel is as fast,
-go to transformers' SDPA path unchanged, as do a KV cache, dropout, soft-capping, sliding windows and attention sinks.
+go to transformers' SDPA path unchanged, as do decoding steps (one query row against a KV cache), dropout,
+soft-capping, sliding windows and attention sinks. Queries after a cached prefix (`loss.SharedPrefix`) see its keys too.
 
 Precision: the scores (q k^T) and the gradient of the probabilities (dO v^T) are computed in fp32 from the bf16 inputs, as
 the flash kernel does; the probabilities meet v, and the gradients meet k and q, in the input dtype with fp32
@@ -34,8 +35,8 @@ _NEG = torch.finfo(torch.float32).min  # not -inf: a row with nothing to attend 
 
 
 class _BlockedAttention(torch.autograd.Function):
-    """softmax(q k^T * scale + mask) v for q [N, G, S, D] and k, v [N, S, D] (N = batch x kv_heads, G query heads per
-    key/value head), the output shaped as q.
+    """softmax(q k^T * scale + mask) v for q [N, G, S, D] and k, v [N, P + S, D] (N = batch x kv_heads, G query heads
+    per key/value head, P keys of a cached prefix before the queries' own), the output shaped as q.
 
     Grouped-query attention arrives with the query heads of one key/value head side by side, so k and v are never
     repeated and their gradients sum over the group in the matmuls themselves. `mask` is None (causal when `causal`,
@@ -47,7 +48,7 @@ class _BlockedAttention(torch.autograd.Function):
             n, group, length, dim = q.shape
             out = torch.empty_like(q)
             q32, k32 = q.float(), k.float()
-            for start, end, keys in _blocks(length, causal):
+            for start, end, keys in _blocks(length, k.shape[1], causal):
                 probs = _probabilities(q32, k32, mask, scale, causal, kv_heads, start, end, keys)
                 out[:, :, start:end] = torch.bmm(probs.to(v.dtype), v[:, :keys]).view(n, group, end - start, dim)
         ctx.save_for_backward(q, k, v, out)
@@ -65,7 +66,7 @@ class _BlockedAttention(torch.autograd.Function):
         grad_q = torch.empty_like(q)
         grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         grad_v = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        for start, end, keys in _blocks(length, ctx.causal):
+        for start, end, keys in _blocks(length, k.shape[1], ctx.causal):
             rows = end - start
             probs = _probabilities(q32, k32, ctx.mask, ctx.scale, ctx.causal, ctx.kv_heads, start, end, keys)
             grad_block = grad_out[:, :, start:end].reshape(n, group * rows, dim)
@@ -79,11 +80,12 @@ class _BlockedAttention(torch.autograd.Function):
         return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, None
 
 
-def _blocks(length: int, causal: bool):
-    """(first row, end row, keys seen) of each block of query rows."""
+def _blocks(length: int, keys: int, causal: bool):
+    """(first row, end row, keys seen) of each block of `length` query rows that come after `keys - length` cached ones."""
+    offset = keys - length
     for start in range(0, length, BLOCK):
         end = min(start + BLOCK, length)
-        yield start, end, end if causal else length
+        yield start, end, offset + end if causal else keys
 
 
 def _probabilities(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool,
@@ -95,16 +97,30 @@ def _probabilities(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, 
     blocked = scores.view(n, group, rows, keys)
     if mask is None:
         if causal:  # keys beyond the block are already cut; only the diagonal square needs its upper triangle masked
-            blocked[..., start:end] += torch.full((rows, rows), _NEG, device=q.device).triu_(1)
+            blocked[..., keys - rows:] += torch.full((rows, rows), _NEG, device=q.device).triu_(1)
     else:
-        part = mask[..., start:end, :keys]  # [batch or 1, heads or 1, rows, keys]
+        part = mask[..., start:end, :keys]  # additive fp32 [batch or 1, heads or 1, rows, keys]
         part = part.unsqueeze(2) if part.shape[1] == 1 else part.reshape(part.shape[0], kv_heads, group, rows, keys)
-        blocked = blocked.view(n // kv_heads, kv_heads, group, rows, keys)
-        if part.dtype == torch.bool:
-            blocked.masked_fill_(~part, _NEG)
-        else:
-            blocked += part
+        blocked.view(n // kv_heads, kv_heads, group, rows, keys).add_(part)
     return torch.softmax(scores, dim=-1)
+
+
+def _bias(mask: torch.Tensor | None, length: int, keys: int) -> torch.Tensor | None:
+    """The mask as an additive fp32 bias, or None where it is exactly causal (every row, after a cached prefix of
+    `keys - length`): the causal blocks need no mask then. Worked out once per mask tensor (the layers share one)."""
+    if mask is None:
+        return None
+    cached = getattr(mask, "_tunelab_bias", None)
+    if cached is not None and cached[0] == mask._version:
+        return cached[1]
+    if mask.dtype == torch.bool:
+        causal = torch.ones(length, keys, dtype=torch.bool, device=mask.device).tril_(keys - length)
+        bias = None if torch.equal(mask, causal.expand(mask.shape)) else \
+            torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, _NEG)
+    else:
+        bias = mask.float()
+    mask._tunelab_bias = (mask._version, bias)
+    return bias
 
 
 def short_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -114,10 +130,11 @@ def short_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     if (query.device.type != "cpu" or (attention_mask is None and length > UNMASKED_MAX_TOKENS)
-            or key.shape[2] != length or dropout > 0.0
+            or key.shape[2] < length or (length == 1 and key.shape[2] > 1) or dropout > 0.0
             or heads % kv_heads or value.shape[-1] != dim or torch.compiler.is_compiling()
             or any(kwargs.get(name) is not None for name in ("softcap", "sliding_window", "s_aux", "position_bias", "cache"))
-            or kwargs.get("output_attentions")):
+            or kwargs.get("output_attentions")
+            or (attention_mask is not None and tuple(attention_mask.shape[-2:]) != (length, key.shape[2]))):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     if torch.is_autocast_enabled("cpu"):  # as autocast casts SDPA's inputs (rotary embeddings leave q, k in fp32)
@@ -127,9 +144,11 @@ def short_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     causal = (is_causal if is_causal is not None else getattr(module, "is_causal", True)) and length > 1
     scale = scaling if scaling is not None else dim**-0.5
     q = query.reshape(batch * kv_heads, group, length, dim)  # a key/value head's query heads side by side
-    k = key.reshape(batch * kv_heads, length, dim)
-    v = value.reshape(batch * kv_heads, length, dim)
-    out = _BlockedAttention.apply(q, k, v, attention_mask, scale, causal, kv_heads)
+    k = key.reshape(batch * kv_heads, key.shape[2], dim)  # a cached prefix's keys first (key.shape[2] > length)
+    v = value.reshape(batch * kv_heads, key.shape[2], dim)
+    bias = _bias(attention_mask, length, key.shape[2])
+    causal = causal or (attention_mask is not None and bias is None)  # a mask that is exactly causal
+    out = _BlockedAttention.apply(q, k, v, bias, scale, causal, kv_heads)
     return out.view(batch, heads, length, dim).transpose(1, 2).contiguous(), None
 
 

@@ -56,6 +56,7 @@ from tunelab.train.checkpoint import (
 )
 from tunelab.train.distributed import LossModule, init_distributed
 from tunelab.train.lora_fused import restore_lora, use_fused_lora
+from tunelab.train.loss import SharedPrefix, causal_lm_loss
 from tunelab.train.memory import CPU_MICRO_BATCH_TOKENS, available_memory, plan_memory, return_freed_memory
 from tunelab.train.objective import Objective, check_data_format
 from tunelab.train.parallel import Workers, backward_in_threads, deal, step_threads
@@ -104,6 +105,11 @@ def loss_totals(model, examples: list[Encoded], batch_size: int, pad_id: int, de
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    # the tokens every row starts with (a chat template's system prompt) run once, not once per row (loss.SharedPrefix)
+    with autocast(device, dtype):
+        prefix = SharedPrefix.find(model, examples, device) if type(objective) is Objective else None
+    if prefix is not None:
+        examples = [prefix.strip(e) for e in examples]
     lengths = [e.batch_tokens for e in examples]
     order = sorted(range(len(examples)), key=lambda i: -lengths[i])
     if device.type == "cpu":
@@ -126,7 +132,10 @@ def loss_totals(model, examples: list[Encoded], batch_size: int, pad_id: int, de
                 batch = {k: v.to(device) for k, v in objective.collate([examples[i] for i in chunks[c]], pad_id).items()}
                 sums: dict[str, float] = {}
                 with contextlib.nullcontext() if one_region else autocast(device, dtype):
-                    loss, n = objective.loss(model, batch, sums if stats is not None else None)
+                    if prefix is not None:
+                        loss, n = causal_lm_loss(model, batch, prefix)
+                    else:
+                        loss, n = objective.loss(model, batch, sums if stats is not None else None)
                 out[c] = (float(loss), n, sums)
         return out
 

@@ -13,6 +13,8 @@ since how much each token's gradient counts is only known once the rows' log-pro
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
@@ -36,8 +38,9 @@ def _backbone_and_head(model):
     return decoder, head, softcap
 
 
-def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over trained positions, and how many positions that is."""
+def causal_lm_loss(model, batch: dict[str, torch.Tensor], prefix: SharedPrefix | None = None) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over trained positions, and how many positions that is. With `prefix`, the
+    batch holds the rows without their shared first tokens, whose keys and values the prefix holds."""
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
     n = int(keep.sum())
@@ -45,12 +48,97 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     # (Only without a KV cache: with one, transformers does not look for packed sequences.)
     positions = "position_ids" if "position_ids" in batch else "attention_mask"
     inputs = {"input_ids": batch["input_ids"], positions: batch[positions], "use_cache": False}
+    if positions == "attention_mask" and right_padded(batch["attention_mask"]):
+        inputs.pop("attention_mask")  # causal attention: a row's real tokens never see the padding after them
+    if prefix is not None:
+        inputs = prefix.inputs(batch)
     decoder, head, softcap = _backbone_and_head(model)
     if decoder is None or not _plain_linear(head):
         selected = logits_where(model, inputs, keep, shift=True)
         return F.cross_entropy(selected.float(), labels[keep], reduction="sum"), n
     hidden = decoder(**inputs).last_hidden_state[:, :-1][keep]
     return linear_cross_entropy(hidden, head.weight, labels[keep], softcap), n
+
+
+MIN_SHARED_PREFIX = 8  # shorter common starts are not worth a separate pass
+
+
+class SharedPrefix:
+    """The first tokens that every row of an evaluation shares (a chat template's system prompt and turn header: 24 of
+    the ~195 tokens of an Alpaca row for SmolLM2), run once; each batch then runs only the rest of its rows, attending
+    to the prefix's cached keys and values. No gradients: evaluation only.
+
+    `find` returns None unless it applies: a plain causal LM whose decoder keeps a plain `DynamicCache` (no sliding
+    windows, no recurrent state), unpacked rows, no trained label inside the prefix (its logits are never computed), and
+    a prefix of at least `MIN_SHARED_PREFIX` tokens with one token of every row left after it."""
+
+    def __init__(self, length: int, layers: list[tuple[torch.Tensor, torch.Tensor]], config) -> None:
+        self.length, self.layers, self.config = length, layers, config
+
+    @staticmethod
+    def common_length(examples) -> int:
+        """Tokens every example starts with, none of them (nor the next one) a trained target, one per row left."""
+        first = examples[0].input_ids
+        n = len(first) - 1
+        for e in examples:
+            if e.position_ids is not None:
+                return 0
+            ids, labels = e.input_ids, e.labels
+            n = min(n, len(ids) - 1)
+            i = 0
+            while i < n and ids[i] == first[i] and labels[i + 1] == IGNORE:
+                i += 1
+            n = i
+            if n < MIN_SHARED_PREFIX:
+                return 0
+        return n
+
+    @classmethod
+    @torch.no_grad()
+    def find(cls, model, examples, device: torch.device) -> SharedPrefix | None:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        if len(examples) < 2 or torch.is_grad_enabled():
+            return None
+        decoder, head, _ = _backbone_and_head(model)
+        if decoder is None or not _plain_linear(head):
+            return None
+        length = cls.common_length(examples)
+        if length == 0:
+            return None
+        ids = torch.tensor([examples[0].input_ids[:length]], device=device)
+        cache = decoder(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
+        if type(cache) is not DynamicCache or not all(type(layer) is DynamicLayer for layer in cache.layers):
+            return None
+        return cls(length, [(layer.keys, layer.values) for layer in cache.layers], decoder.config)
+
+    def inputs(self, batch: dict[str, torch.Tensor]) -> dict:
+        """The decoder's inputs for `batch` (rows without the prefix): a copy of the prefix's cache per row, the
+        attention mask over prefix and row, positions that go on from the prefix."""
+        from transformers import DynamicCache
+
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        rows = ids.shape[0]
+        cache = DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in self.layers],
+                             config=self.config)
+        positions = torch.arange(self.length, self.length + ids.shape[1], device=ids.device).expand(rows, -1)
+        inputs = {"input_ids": ids, "position_ids": positions, "past_key_values": cache, "use_cache": True}
+        if not right_padded(mask):  # (see right_padded)
+            inputs["attention_mask"] = torch.cat([mask.new_ones(rows, self.length), mask], dim=1)
+        return inputs
+
+    def strip(self, example):
+        """`example` without the prefix's tokens."""
+        return replace(example, input_ids=example.input_ids[self.length:], labels=example.labels[self.length:])
+
+
+def right_padded(mask: torch.Tensor) -> bool:
+    """Whether every row of a [batch, length] attention mask is its real tokens followed by padding only. Under causal
+    attention no real token then sees padding, and the padded positions' outputs are never scored, so the mask can be
+    left out: transformers runs plain causal attention (SDPA's is_causal kernels; tunelab's CPU attention skips
+    masking)."""
+    return mask.dtype != torch.bool and bool((mask[:, 1:] <= mask[:, :-1]).all()) and bool(((mask == 0) | (mask == 1)).all())
 
 
 def _plain_linear(module) -> bool:
