@@ -94,7 +94,6 @@ class SharedPrefix:
         return n
 
     @classmethod
-    @torch.no_grad()
     def find(cls, model, examples, device: torch.device) -> SharedPrefix | None:
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
@@ -108,7 +107,8 @@ class SharedPrefix:
         if length == 0:
             return None
         ids = torch.tensor([examples[0].input_ids[:length]], device=device)
-        cache = decoder(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
+        with torch.no_grad():
+            cache = decoder(input_ids=ids, use_cache=True).past_key_values
         if type(cache) is not DynamicCache or not all(type(layer) is DynamicLayer for layer in cache.layers):
             return None
         return cls(length, [(layer.keys, layer.values) for layer in cache.layers], decoder.config)
