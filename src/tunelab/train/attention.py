@@ -6,10 +6,11 @@ each block's fp32 scores (576 x at most a few thousand) stay in the cache. The s
 the backward pass recomputes each block's scores, so, as with flash attention, nothing of size seq x seq is kept.
 torch's CPU flash kernel works through rows in smaller tiles, and with an explicit mask (any padded or packed batch)
 it cannot skip the masked half. Measured on one core (9 query / 3 key-value heads of 64, bf16; forward + backward,
-ms; `python bench/attention.py`): one 512-token row 17.0 against SDPA's 27.1, one 1024-token row 58 against 67, two
-padded 256-token rows 11.4 against 17.3, two padded 1024-token rows 140 against 193; forward alone 5.0 against 8.2
-(512) and 17.9 against 23.3 (1024). Unmasked rows above `UNMASKED_MAX_TOKENS`, where SDPA's causal kernel is as fast,
-go to transformers' SDPA path unchanged, as do decoding steps (one query row against a KV cache), dropout,
+ms; `python bench/attention.py`, whose numbers swing run to run): one 512-token row 20.0 against SDPA's 27.6, one
+1024-token row 63 against 67, two padded 256-token rows 14.1 against 18.1, two padded 1024-token rows 156 against 202;
+forward alone 7.8 against 8.4 (512) and 21.3 against 24.2 (1024), but 0.7-0.8x SDPA's speed for short padded
+batches. Unmasked rows above `UNMASKED_MAX_TOKENS`, where SDPA's causal kernel is as fast, go to transformers' SDPA
+path unchanged, as do decoding steps (one query row against a KV cache), dropout,
 soft-capping, sliding windows and attention sinks. Queries after a cached prefix (`loss.SharedPrefix`) see its keys too.
 
 Precision: the scores (q k^T) and the gradient of the probabilities (dO v^T) are computed in fp32 from the bf16 inputs, as
