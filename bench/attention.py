@@ -10,9 +10,9 @@ padded batches (an explicit mask), and the largest difference of the outputs and
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from timing import ms_per_call
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from tunelab.train.attention import short_attention_forward
@@ -24,14 +24,6 @@ SHAPES = ((1, 128), (2, 128), (4, 128), (1, 256), (2, 256), (1, 384), (1, 512), 
 class _Layer(torch.nn.Module):
     is_causal = True
     num_key_value_groups = 3  # SDPA's path repeats the key/value heads by this
-
-
-def _ms(fn, repeat: int) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - start) / repeat * 1e3
 
 
 def main() -> None:
@@ -71,7 +63,7 @@ def _compare(batch: int, length: int, heads: int, kv_heads: int, dim: int, dtype
             out, _ = attend(layer, q, k, v, mask, scaling=dim**-0.5)
             out.backward(grad)
 
-        times.append((_ms(forward, repeat), _ms(both, repeat)))
+        times.append((ms_per_call(forward, repeat), ms_per_call(both, repeat)))
         q.grad = k.grad = v.grad = None
         out, _ = attend(layer, q, k, v, mask, scaling=dim**-0.5)
         out.backward(grad)

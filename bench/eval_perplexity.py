@@ -5,8 +5,8 @@
 
 The naive loop is what a user writes first: one row at a time, `model(input_ids, labels=labels).loss` (the full logits
 tensor at every position), token-weighted, on the model as transformers loads it. tunelab (the model as `tunelab eval`
-loads it) sorts rows by length, batches them, runs batches side by side on the cores, attention as whole-row matmuls,
-and the LM head only where labels are scored, chunked. Both score the same tokenized rows (assistant tokens only), so the losses must agree.
+loads it) sorts rows by length, batches them, runs batches side by side on the cores, attention as blocked matmuls,
+runs a prefix every row shares once, and the LM head only where labels are scored, chunked. Both score the same tokenized rows (assistant tokens only), so the losses must agree.
 """
 
 from __future__ import annotations

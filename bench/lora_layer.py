@@ -10,24 +10,15 @@ Prints milliseconds per call and the largest difference of the gradients (input,
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from timing import ms_per_call
 from torch import nn
 
 from tunelab.train.lora_fused import use_fused_lora
 from tunelab.train.precision import share_input_casts, store_frozen_in
 
 SHAPES = ((576, 576), (576, 192), (576, 1536), (1536, 576))  # q/o, k/v, gate/up, down
-
-
-def _ms(fn, repeat: int) -> float:
-    for _ in range(3):
-        fn()
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - start) / repeat * 1e3
 
 
 def main() -> None:
@@ -72,7 +63,7 @@ def _compare(fan_in: int, fan_out: int, tokens: int, rank: int, repeat: int) -> 
             t.grad = None
         step()
         grads = [t.grad.clone() for t in trained]
-        results.append((_ms(step, repeat), grads))
+        results.append((ms_per_call(step, repeat, warmup=3), grads))
     (peft_ms, ref), (fused_ms, mine) = results
     diff = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(mine, ref))
     print(f"{fan_in:>5} -> {fan_out:<4} | {peft_ms:7.3f} | {fused_ms:7.3f} | {peft_ms / fused_ms:7.2f}x | {diff:.4f}")

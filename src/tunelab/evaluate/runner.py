@@ -55,7 +55,7 @@ def _dtype(precision: str) -> torch.dtype | None:
 
 def load_eval_model(target: str):
     """(model, tokenizer) in eval mode; LoRA adapters are merged so scoring runs at the base model's speed. On a CPU,
-    attention of short rows runs as whole-row matmuls (train/attention.py)."""
+    attention runs as blocked matmuls (train/attention.py)."""
     from tunelab.generate import load_for_inference
     from tunelab.train.attention import use_short_attention
 

@@ -41,7 +41,7 @@ class _BlockedAttention(torch.autograd.Function):
 
     Grouped-query attention arrives with the query heads of one key/value head side by side, so k and v are never
     repeated and their gradients sum over the group in the matmuls themselves. `mask` is None (causal when `causal`,
-    else none) or a bool (True: attend) or additive mask broadcastable to [batch, heads, S, S]."""
+    else none) or an additive fp32 bias broadcastable to [batch, heads, S, P + S] (`_bias`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale, causal, kv_heads):

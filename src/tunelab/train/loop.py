@@ -303,7 +303,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
     model.config.use_cache = False
     torch.manual_seed(t.seed)  # method init (LoRA A matrices) is seeded independently of loading
     model = attach_method(model, cfg.method, cfg.task).to(device)
-    # attention of short rows as whole-row matmuls (train/attention.py); the model leaves train() with its own again
+    # attention as blocked matmuls on a CPU (train/attention.py); the model leaves train() with its own again
     attention = use_short_attention(model) if device.type == "cpu" else None
     if dist.active:
         torch.manual_seed(t.seed + dist.rank)  # dropout masks differ between ranks

@@ -23,7 +23,7 @@ import functools
 import torch
 from torch import nn
 
-from tunelab.train.precision import _CastOnce, cached_cast
+from tunelab.train.precision import cached_cast, shared_cast
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -85,8 +85,7 @@ def _fused_class():
             if torch.is_autocast_enabled(x.device.type):
                 dtype = torch.get_autocast_dtype(x.device.type)
                 if x.dtype != dtype:  # one cast shared by every layer reading x (precision._SharedCast)
-                    cast = cached_cast(x, dtype)
-                    x = _CastOnce.apply(x, cast) if x.requires_grad else cast
+                    x = shared_cast(x, dtype)
             base = self.base_layer
             out = _LoraLinear.apply(x.reshape(-1, x.shape[-1]), base.weight, base.bias, self.lora_A[name].weight,
                                     self.lora_B[name].weight, float(self.scaling[name]))

@@ -47,11 +47,12 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor], prefix: SharedPrefix |
     # Packed rows carry position_ids and no attention mask: transformers then builds a block-diagonal causal mask.
     # (Only without a KV cache: with one, transformers does not look for packed sequences.)
     positions = "position_ids" if "position_ids" in batch else "attention_mask"
-    inputs = {"input_ids": batch["input_ids"], positions: batch[positions], "use_cache": False}
-    if positions == "attention_mask" and right_padded(batch["attention_mask"]):
-        inputs.pop("attention_mask")  # causal attention: a row's real tokens never see the padding after them
     if prefix is not None:
         inputs = prefix.inputs(batch)
+    else:
+        inputs = {"input_ids": batch["input_ids"], positions: batch[positions], "use_cache": False}
+        if positions == "attention_mask" and right_padded(batch["attention_mask"]):
+            inputs.pop("attention_mask")  # causal attention: a row's real tokens never see the padding after them
     decoder, head, softcap = _backbone_and_head(model)
     if decoder is None or not _plain_linear(head):
         selected = logits_where(model, inputs, keep, shift=True)

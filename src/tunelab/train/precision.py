@@ -118,6 +118,13 @@ class _CastOnce(torch.autograd.Function):
         return grad.to(ctx.dtype), None
 
 
+def shared_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` in `dtype` through `cached_cast` (one copy for every reader), with its own `_CastOnce` node when `x` needs a
+    gradient."""
+    cast = cached_cast(x, dtype)
+    return _CastOnce.apply(x, cast) if x.requires_grad else cast
+
+
 class _SharedCast:
     """Casts a linear layer's input to the autocast dtype once for all the layers that read it.
 
@@ -136,8 +143,7 @@ class _SharedCast:
         x = args[0]
         if x.dtype == self.dtype or not x.is_floating_point() or not torch.is_autocast_enabled(x.device.type):
             return None
-        cast = cached_cast(x, self.dtype)
-        return (_CastOnce.apply(x, cast) if x.requires_grad else cast, *args[1:])
+        return (shared_cast(x, self.dtype), *args[1:])
 
 
 def share_input_casts(model: torch.nn.Module, dtype: torch.dtype) -> None:
