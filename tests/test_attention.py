@@ -51,8 +51,10 @@ def _masks(kind: str, batch: int, length: int, heads: int):
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block", [64, 4])  # one block; five, the last holding one row
-def test_short_attention_equals_sdpa_outputs_and_gradients(mask_kind, heads, kv_heads, dtype, block, monkeypatch):
+@pytest.mark.parametrize("kept", [True, False])  # the backward reads the forward's probabilities, or recomputes them
+def test_short_attention_equals_sdpa_outputs_and_gradients(mask_kind, heads, kv_heads, dtype, block, kept, monkeypatch):
     monkeypatch.setattr(attention, "BLOCK", block)
+    monkeypatch.setattr(attention, "SAVE_PROBS_BYTES", attention.SAVE_PROBS_BYTES if kept else 0)
     torch.manual_seed(0)
     batch, length, dim = 3, 17, 8
     q = (torch.randn(batch, heads, length, dim) * 2).to(dtype).requires_grad_()
@@ -74,8 +76,11 @@ def test_short_attention_equals_sdpa_outputs_and_gradients(mask_kind, heads, kv_
         torch.testing.assert_close(mine.grad.double(), theirs.grad, **tol)
 
 
-def test_short_attention_is_no_less_accurate_than_sdpa_in_bf16():
-    """bf16 inputs: the error against exact attention is of the size of SDPA's own (scores are fp32 in both)."""
+@pytest.mark.parametrize("kept", [True, False])
+def test_short_attention_is_no_less_accurate_than_sdpa_in_bf16(kept, monkeypatch):
+    """bf16 inputs: the error against exact attention is of the size of SDPA's own (scores are fp32 in both), with the
+    probabilities kept from the forward pass in bf16 or recomputed in fp32."""
+    monkeypatch.setattr(attention, "SAVE_PROBS_BYTES", attention.SAVE_PROBS_BYTES if kept else 0)
     torch.manual_seed(1)
     q = (torch.randn(2, 6, 40, 16) * 3).bfloat16().requires_grad_()
     k = (torch.randn(2, 2, 40, 16) * 3).bfloat16().requires_grad_()
@@ -168,3 +173,13 @@ def test_under_autocast_inputs_are_cast_as_sdpa_casts_them():
     torch.testing.assert_close(mine.float(), sdpa.float(), rtol=0.02, atol=0.02)
     mine.float().sum().backward()
     assert q.grad.dtype == torch.float32 and k.grad.dtype == torch.float32  # gradients return in the inputs' dtype
+
+
+def test_short_rows_keep_their_probabilities_and_long_ones_recompute_them(monkeypatch):
+    q = torch.randn(3, 2, 70, 8, requires_grad=True)  # 3 key/value heads x 2 query heads, two blocks of 64 and 6 rows
+    k, v = torch.randn(3, 70, 8, requires_grad=True), torch.randn(3, 70, 8, requires_grad=True)
+    out = attention._BlockedAttention.apply(q, k, v, None, 0.3, True, 3)
+    assert len(out.grad_fn.saved_tensors) == 4 + 2  # q, k, v, out and one probability block per query block
+    probs = 3 * 2 * (64 * 64 + 6 * 70) * 4  # causal blocks: keys 0:64, then 0:70
+    monkeypatch.setattr(attention, "SAVE_PROBS_BYTES", probs - 1)
+    assert len(attention._BlockedAttention.apply(q, k, v, None, 0.3, True, 3).grad_fn.saved_tensors) == 4

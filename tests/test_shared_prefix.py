@@ -131,3 +131,115 @@ def test_attention_after_a_cached_prefix_equals_sdpa(mask, monkeypatch):
     torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
     for m, t in zip(mine, (q, k, v)):
         torch.testing.assert_close(m, t.grad, rtol=1e-5, atol=1e-5)
+
+
+def _lora_model(attention: str):
+    from tunelab.config import LoraMethod
+    from tunelab.methods import attach_method
+    from tunelab.train.lora_fused import use_fused_lora
+
+    model = build_tiny_model(97, seed=2, layers=3)
+    torch.manual_seed(0)
+    model = attach_method(model, LoraMethod(name="lora", r=4, alpha=8))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the adapters something to differentiate through
+            torch.nn.init.normal_(p, std=0.2)
+    if attention == "tunelab_cpu":
+        use_short_attention(model)
+    use_fused_lora(model)
+    model.train()
+    return model
+
+
+def _step_gradients(model, rows, micro: list[list[int]], dtype, shared: bool, threads: int = 1):
+    """A training step's gradients (each micro-batch's summed loss, backward), with or without the shared prefix."""
+    from tunelab.data.dataset import collate
+    from tunelab.train.parallel import Workers, backward_in_threads
+    from tunelab.train.precision import autocast
+
+    cpu = torch.device("cpu")
+    model.zero_grad(set_to_none=True)
+    prefix = None
+    if shared:
+        with autocast(cpu, dtype):
+            prefix = SharedPrefix.find(model, rows, cpu, train=True)
+        assert prefix is not None and prefix.length == len(PREFIX) and prefix.leaves()
+    batches = [collate([prefix.strip(rows[i]) if prefix else rows[i] for i in mb], 0) for mb in micro]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_of(batch):
+        with autocast(cpu, dtype):
+            loss, _ = causal_lm_loss(model, batch, prefix)
+        return loss, float(loss.detach())
+
+    with Workers(threads) as workers:
+        losses = backward_in_threads(loss_of, batches, params + (prefix.leaves() if prefix else []), workers)
+    if prefix is not None:
+        prefix.backward()
+    return sum(losses), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _worst(grads: dict, ref: dict) -> float:
+    """The largest difference of any gradient, relative to that gradient's largest entry."""
+    return max(float((grads[n] - ref[n]).abs().max() / ref[n].abs().max()) for n in ref)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "tunelab_cpu"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_training_with_the_shared_prefix_gives_the_plain_gradients(attention, dtype, threads):
+    model = _lora_model(attention)
+    rows = _rows(7, seed=3)
+    micro = [[0, 1], [2], [3, 4, 5], [6]]
+    loss, grads = _step_gradients(model, rows, micro, dtype, shared=True, threads=threads)
+    ref_loss, ref_grads = _step_gradients(model, rows, micro, dtype, shared=False, threads=threads)
+    assert loss == pytest.approx(ref_loss, rel=1e-6 if dtype is None else 1e-4)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 3 * 7 * 2
+    # bf16 rounds differently along the two paths: on this tiny model the plain path's own bf16 gradients are ~3% off
+    # its fp32 ones
+    assert _worst(grads, ref_grads) < (2e-5 if dtype is None else 6e-2)
+
+
+def test_the_prefix_backward_carries_a_real_share_of_the_gradient(monkeypatch):
+    """Without prefix.backward() the gradients are clearly wrong: the comparison above is not vacuous."""
+    model = _lora_model("tunelab_cpu")
+    rows = _rows(7, seed=3)
+    micro = [[0, 1], [2], [3, 4, 5], [6]]
+    _, ref = _step_gradients(model, rows, micro, None, shared=False)
+    monkeypatch.setattr(SharedPrefix, "backward", lambda self: None)
+    _, grads = _step_gradients(model, rows, micro, None, shared=True)
+    assert _worst(grads, ref) > 0.05
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_run_sharing_the_prefix_repeats_the_plain_run(tiny_model_dir, tmp_path, threads, monkeypatch):
+    """training.share_prefix: the rows' common start ("<|im_start|>user\\nSay something about the", 19 tokens) runs once
+    per step; losses, gradient norms, evaluation and the token count are those of the run that repeats it per row."""
+    import json
+
+    from conftest import alpaca_rows, run_config, write_jsonl
+
+    from tunelab import load_config, train
+
+    data = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(24))
+    found = []
+    find = SharedPrefix.find.__func__
+    monkeypatch.setattr(SharedPrefix, "find", classmethod(lambda cls, *a, **k: found.append(k) or find(cls, *a, **k)))
+
+    def run(name: str, share: bool):
+        cfg = run_config(tiny_model_dir, data, tmp_path / name, method={"name": "lora", "r": 4, "alpha": 8},
+                         training={"max_steps": 3, "batch_size": 8, "micro_batch_tokens": 120,
+                                   "micro_batch_threads": threads, "share_prefix": share})
+        result = train(load_config(cfg), quiet=True)
+        records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in records if "train_loss" in r], result.summary
+
+    shared, summary = run("shared", True)
+    assert sum(1 for k in found if k.get("train")) == 3  # once per step
+    found.clear()
+    plain, plain_summary = run("plain", False)
+    assert not any(k.get("train") for k in found)
+    assert summary["tokens_trained"] == plain_summary["tokens_trained"] > 0
+    assert [r["train_loss"] for r in shared] == pytest.approx([r["train_loss"] for r in plain], rel=1e-5)
+    assert [r["grad_norm"] for r in shared] == pytest.approx([r["grad_norm"] for r in plain], rel=1e-4)
+    assert summary["final_eval_loss"] == pytest.approx(plain_summary["final_eval_loss"], rel=1e-5)

@@ -518,6 +518,12 @@ class TrainingConfig(Section):
         "across cores). auto = one per torch thread when nothing in a step depends on thread order (no dropout, one "
         "process, a thread-safe objective), and then auto micro-batches share the 512 tokens; 1 = off.",
     )
+    share_prefix: bool = Field(
+        default=True,
+        description="Run the tokens that every row of a step starts with (a chat template's system prompt) once per step "
+        "instead of once per row; the rows attend to their cached keys and values. Same loss and gradients up to "
+        "rounding; applies to the causal-LM loss in one process without gradient checkpointing or packing.",
+    )
     gradient_checkpointing: bool | Literal["auto"] = Field(
         default="auto",
         description="Recompute activations in the backward pass (~1.3x the compute, far less memory). auto = only "

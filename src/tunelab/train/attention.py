@@ -24,6 +24,8 @@ model that runs SDPA to it and `restore_attention(model, previous)` switches it 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -32,6 +34,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 NAME = "tunelab_cpu"
 BLOCK = 64  # query rows per block: 32 and 128-256 ran slower (one core; 128-1024-token rows)
 UNMASKED_MAX_TOKENS = 1024  # longer rows with no mask: SDPA's causal kernel was as fast (2048: 238 ms against 217)
+SAVE_PROBS_BYTES = 4 << 20  # per call: probabilities up to this size are kept for the backward pass, larger recomputed
 _NEG = torch.finfo(torch.float32).min  # not -inf: a row with nothing to attend to gets uniform weights, not NaN
 
 
@@ -48,37 +51,51 @@ class _BlockedAttention(torch.autograd.Function):
         with torch.autocast("cpu", enabled=False):  # the dtypes below are chosen, not autocast's (bmm: bf16)
             n, group, length, dim = q.shape
             out = torch.empty_like(q)
-            q32, k32 = q.float(), k.float()
-            for start, end, keys in _blocks(length, k.shape[1], causal):
-                probs = _probabilities(q32, k32, mask, scale, causal, kv_heads, start, end, keys)
-                out[:, :, start:end] = torch.bmm(probs.to(v.dtype), v[:, :keys]).view(n, group, end - start, dim)
-        ctx.save_for_backward(q, k, v, out)
+            q32, k32 = q.to(torch.float32, copy=True).mul_(scale), k.float()  # the scale on q: one pass over [S, D], not over every score
+            blocks = list(_blocks(length, k.shape[1], causal))
+            # Short rows keep each block's probabilities (in v's dtype, as they meet v) for the backward pass instead
+            # of recomputing them: a few MB per layer, and a fifth of the backward's matmuls and its softmax saved.
+            keep = any(ctx.needs_input_grad[:3]) and \
+                n * group * sum((end - start) * keys for start, end, keys in blocks) * v.element_size() <= SAVE_PROBS_BYTES
+            kept = []
+            for start, end, keys in blocks:
+                probs = _probabilities(q32, k32, mask, causal, kv_heads, start, end, keys).to(v.dtype)
+                out[:, :, start:end] = torch.bmm(probs, v[:, :keys]).view(n, group, end - start, dim)
+                if keep:
+                    kept.append(probs)
+        ctx.save_for_backward(q, k, v, out, *kept)
         ctx.mask, ctx.scale, ctx.causal, ctx.kv_heads = mask, scale, causal, kv_heads
         return out
 
     @staticmethod
     @torch.autocast("cpu", enabled=False)
     def backward(ctx, grad_out):
-        q, k, v, out = ctx.saved_tensors
+        q, k, v, out, *kept = ctx.saved_tensors
         n, group, length, dim = q.shape
         grad_out = grad_out.contiguous()
-        q32, k32, v32 = q.float(), k.float(), v.float()
-        row = (grad_out.float() * out.float()).sum(-1, keepdim=True)  # rowsum(dO * O) [N, G, S, 1]
+        q32 = None if kept else q.to(torch.float32, copy=True).mul_(ctx.scale)
+        k32, v32 = (None if kept else k.float()), v.float()
+        grad_out32 = grad_out.float()
+        row = (grad_out32 * out.float()).sum(-1, keepdim=True)  # rowsum(dO * O) [N, G, S, 1]
         grad_q = torch.empty_like(q)
         grad_k = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         grad_v = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        for start, end, keys in _blocks(length, k.shape[1], ctx.causal):
+        for i, (start, end, keys) in enumerate(_blocks(length, k.shape[1], ctx.causal)):
             rows = end - start
-            probs = _probabilities(q32, k32, ctx.mask, ctx.scale, ctx.causal, ctx.kv_heads, start, end, keys)
+            if kept:
+                probs = kept[i]
+            else:
+                probs = _probabilities(q32, k32, ctx.mask, ctx.causal, ctx.kv_heads, start, end, keys)
             grad_block = grad_out[:, :, start:end].reshape(n, group * rows, dim)
             grad_v[:, :keys] += torch.bmm(probs.to(v.dtype).transpose(1, 2), grad_block)
-            grad_probs = torch.bmm(grad_block.float(), v32[:, :keys].transpose(1, 2))
-            # d scores = P * (dP - rowsum(dO * O)) * scale
+            grad_probs = torch.bmm(grad_out32[:, :, start:end].reshape(n, group * rows, dim), v32[:, :keys].transpose(1, 2))
+            # d scores = P * (dP - rowsum(dO * O)); the scale joins at the end, on grad_q and grad_k
             grad_probs.view(n, group, rows, keys).sub_(row[:, :, start:end])
-            grad_scores = probs.mul_(grad_probs).mul_(ctx.scale).to(q.dtype)
+            grad_scores = grad_probs.mul_(probs).to(q.dtype)
             grad_q[:, :, start:end] = torch.bmm(grad_scores, k[:, :keys]).view(n, group, rows, dim)
             grad_k[:, :keys] += torch.bmm(grad_scores.transpose(1, 2), q[:, :, start:end].reshape(n, group * rows, dim))
-        return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, None
+        grad_q.mul_(ctx.scale)
+        return grad_q, grad_k.mul_(ctx.scale).to(k.dtype), grad_v.to(v.dtype), None, None, None, None
 
 
 def _blocks(length: int, keys: int, causal: bool):
@@ -89,21 +106,27 @@ def _blocks(length: int, keys: int, causal: bool):
         yield start, end, offset + end if causal else keys
 
 
-def _probabilities(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool,
-                   kv_heads: int, start: int, end: int, keys: int) -> torch.Tensor:
-    """fp32 softmax(q k^T * scale + mask) of query rows start:end against keys 0:keys, as [N, G x rows, keys]."""
+def _probabilities(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, causal: bool, kv_heads: int,
+                   start: int, end: int, keys: int) -> torch.Tensor:
+    """fp32 softmax(q k^T + mask) of query rows start:end against keys 0:keys, as [N, G x rows, keys] (q scaled)."""
     n, group, _, dim = q.shape
     rows = end - start
-    scores = torch.bmm(q[:, :, start:end].reshape(n, group * rows, dim), k[:, :keys].transpose(1, 2)).mul_(scale)
+    scores = torch.bmm(q[:, :, start:end].reshape(n, group * rows, dim), k[:, :keys].transpose(1, 2))
     blocked = scores.view(n, group, rows, keys)
     if mask is None:
         if causal:  # keys beyond the block are already cut; only the diagonal square needs its upper triangle masked
-            blocked[..., keys - rows:] += torch.full((rows, rows), _NEG, device=q.device).triu_(1)
+            blocked[..., keys - rows:] += _upper(rows, q.device)
     else:
         part = mask[..., start:end, :keys]  # additive fp32 [batch or 1, heads or 1, rows, keys]
         part = part.unsqueeze(2) if part.shape[1] == 1 else part.reshape(part.shape[0], kv_heads, group, rows, keys)
         blocked.view(n // kv_heads, kv_heads, group, rows, keys).add_(part)
     return torch.softmax(scores, dim=-1)
+
+
+@functools.cache
+def _upper(rows: int, device: torch.device) -> torch.Tensor:
+    """[rows, rows] fp32: 0 on and below the diagonal, the most negative float above."""
+    return torch.full((rows, rows), _NEG, device=device).triu_(1)
 
 
 def _bias(mask: torch.Tensor | None, length: int, keys: int) -> torch.Tensor | None:

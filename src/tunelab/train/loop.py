@@ -326,6 +326,10 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
         memory_plan = memory_plan.replace(f"<= {before} tokens", f"<= {micro_tokens} tokens, {threads} at once")
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # a prefix every row of a step shares runs once per step (loss.SharedPrefix): one process (DDP's hooks expect one
+    # backward pass per forward), no fp16 loss scaling, no checkpointing, the plain causal-LM loss
+    share_prefix = (type(objective) is Objective and not dist.active and not checkpointing and dtype != torch.float16
+                    and t.share_prefix)
     model.train()
 
     # 2. Optimizer, schedule, plan.
@@ -424,32 +428,42 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
                 # (a batch smaller than the group) still runs one example at weight 0 to join the gradient all-reduce.
                 mine = [part for part in (dist.shard(b) for b in step_batches) if part]
                 idle = not mine
-                batches = [objective.collate([data.train[i] for i in mb], pad_id)
+                # the tokens all the step's rows start with (a chat template's system prompt) run once (loss.SharedPrefix)
+                prefix = None
+                if share_prefix:
+                    with autocast(device, dtype):
+                        prefix = SharedPrefix.find(model, [data.train[i] for b in mine for i in b], device, train=True)
+                batches = [objective.collate([prefix.strip(data.train[i]) if prefix else data.train[i] for i in mb], pad_id)
                            for b in (mine or [step_batches[0][:1]]) for mb in micro_batches(b, lengths, micro_tokens)]
                 n_trained = 0 if idle else sum(objective.count(b) for b in batches)
+                prefix_tokens = prefix.length if prefix is not None else 0  # per row, for the token count
                 n_trained = max(1, int(dist.sum(n_trained)[0]))
                 loss_sum, tokens = 0.0, 0
                 if threads > 1 and len(batches) > 1:  # a CPU: micro-batches side by side, one core each
-                    def loss_of(batch, n_trained=n_trained):
+                    def loss_of(batch, n_trained=n_trained, prefix=prefix):
                         with autocast(device, dtype):
-                            loss, _ = step_model(batch)
+                            loss, _ = causal_lm_loss(model, batch, prefix) if prefix is not None else step_model(batch)
                         return loss / n_trained, float(loss.detach())
 
                     trainable_now = [p for p in model.parameters() if p.requires_grad]
+                    if prefix is not None:  # their gradients summed like the parameters', for prefix.backward()
+                        trainable_now += prefix.leaves()
                     loss_sum = sum(backward_in_threads(loss_of, batches, trainable_now, workers))
-                    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+                    tokens = sum(int(b["attention_mask"].sum()) + prefix_tokens * len(b["input_ids"]) for b in batches)
                 for k, batch in enumerate(batches if threads == 1 or len(batches) == 1 else []):
                     batch = {key: v.to(device) for key, v in batch.items()}
                     with dist.no_sync(step_model, sync=k == len(batches) - 1):
                         with autocast(device, dtype):
-                            loss, _ = step_model(batch)
+                            loss, _ = causal_lm_loss(model, batch, prefix) if prefix is not None else step_model(batch)
                         if idle:
                             loss = loss * 0.0
                         # DDP averages the ranks' gradients: each scales by world / global units -> the mean per
                         # trained token (or pair).
                         scaler.scale(loss / (n_trained / dist.world)).backward()
                     loss_sum += float(loss.detach())
-                    tokens += 0 if idle else int(batch["attention_mask"].sum())
+                    tokens += 0 if idle else int(batch["attention_mask"].sum()) + prefix_tokens * len(batch["input_ids"])
+                if prefix is not None:
+                    prefix.backward()
                 if dist.active:
                     loss_sum, tokens = dist.sum(loss_sum, tokens)
                     tokens = int(tokens)

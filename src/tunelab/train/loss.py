@@ -65,9 +65,14 @@ MIN_SHARED_PREFIX = 8  # shorter common starts are not worth a separate pass
 
 
 class SharedPrefix:
-    """The first tokens that every row of an evaluation shares (a chat template's system prompt and turn header: 24 of
-    the ~195 tokens of an Alpaca row for SmolLM2), run once; each batch then runs only the rest of its rows, attending
-    to the prefix's cached keys and values. No gradients: evaluation only.
+    """The first tokens that every row of an evaluation or of a training step shares (a chat template's system prompt
+    and turn header: 24 of the ~195 tokens of an Alpaca row for SmolLM2), run once; each batch then runs only the rest
+    of its rows, attending to the prefix's cached keys and values.
+
+    In training (`find(..., train=True)`) the prefix runs with gradients, once per optimizer step: every micro-batch
+    reads its keys and values as leaf tensors, whose gradients add up over the step's micro-batches (and threads), and
+    `backward()` then sends their sum through the prefix's own graph, once. The gradients are those of the rows run
+    whole, up to the order of a floating-point sum.
 
     `find` returns None unless it applies: a plain causal LM whose decoder keeps a plain `DynamicCache` (no sliding
     windows, no recurrent state), unpacked rows, no trained label inside the prefix (its logits are never computed), and
@@ -75,6 +80,7 @@ class SharedPrefix:
 
     def __init__(self, length: int, layers: list[tuple[torch.Tensor, torch.Tensor]], config) -> None:
         self.length, self.layers, self.config = length, layers, config
+        self._sources: list[torch.Tensor] = []  # training: the prefix's keys and values with their graph
 
     @staticmethod
     def common_length(examples) -> int:
@@ -95,24 +101,41 @@ class SharedPrefix:
         return n
 
     @classmethod
-    def find(cls, model, examples, device: torch.device) -> SharedPrefix | None:
+    def find(cls, model, examples, device: torch.device, train: bool = False) -> SharedPrefix | None:
+        """The prefix of `examples`, run (with gradients when `train`), or None where it does not apply."""
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
 
-        if len(examples) < 2 or torch.is_grad_enabled():
+        if len(examples) < 2 or torch.is_grad_enabled() != train:
             return None
         decoder, head, _ = _backbone_and_head(model)
-        if decoder is None or not _plain_linear(head):
+        if decoder is None or not _plain_linear(head) or (train and getattr(decoder, "gradient_checkpointing", False)):
             return None
         length = cls.common_length(examples)
         if length == 0:
             return None
         ids = torch.tensor([examples[0].input_ids[:length]], device=device)
-        with torch.no_grad():
-            cache = decoder(input_ids=ids, use_cache=True).past_key_values
+        cache = decoder(input_ids=ids, use_cache=True).past_key_values
         if type(cache) is not DynamicCache or not all(type(layer) is DynamicLayer for layer in cache.layers):
             return None
-        return cls(length, [(layer.keys, layer.values) for layer in cache.layers], decoder.config)
+        prefix = cls(length, [(layer.keys, layer.values) for layer in cache.layers], decoder.config)
+        if train:  # the batches read leaves; backward() takes their gradients through the graph kept here
+            prefix._sources = [t for kv in prefix.layers for t in kv]
+            prefix.layers = [(k.detach().requires_grad_(k.requires_grad), v.detach().requires_grad_(v.requires_grad))
+                             for k, v in prefix.layers]
+        return prefix
+
+    def leaves(self) -> list[torch.Tensor]:
+        """The keys and values the batches read that take a gradient (training)."""
+        return [t for kv in self.layers for t in kv if t.requires_grad]
+
+    def backward(self) -> None:
+        """Send the gradients the batches left on the leaves through the prefix's graph, into the parameters' `.grad`."""
+        pairs = [(source, leaf.grad) for source, leaf in zip(self._sources, (t for kv in self.layers for t in kv))
+                 if leaf.grad is not None]
+        self._sources = []
+        if pairs:
+            torch.autograd.backward([s for s, _ in pairs], [g for _, g in pairs])
 
     def inputs(self, batch: dict[str, torch.Tensor]) -> dict:
         """The decoder's inputs for `batch` (rows without the prefix): a copy of the prefix's cache per row, the
