@@ -58,6 +58,7 @@ def load_eval_model(target: str):
     attention runs as blocked matmuls (train/attention.py)."""
     from tunelab.generate import load_for_inference
     from tunelab.train.attention import use_short_attention
+    from tunelab.train.precision import share_input_casts
 
     model, tokenizer = load_for_inference(target)
     if hasattr(model, "merge_and_unload"):
@@ -65,6 +66,7 @@ def load_eval_model(target: str):
     model.eval()
     if next(model.parameters()).device.type == "cpu":
         use_short_attention(model)
+    share_input_casts(model, torch.bfloat16)  # under --precision bf16, q/k/v (and gate/up) share one cast of their input
     return model, tokenizer
 
 
