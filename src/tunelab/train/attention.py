@@ -2,10 +2,12 @@
 
 A block of `BLOCK` query rows (for every head of a key/value group at once) meets only the keys it can see: with a
 causal mask the rows of block i need keys 0..end of block i, so about half the score matrix is never computed, and
-each block's fp32 scores (576 x at most a few thousand) stay in the cache. The softmax is one fused kernel per block;
-the backward pass recomputes each block's scores, so, as with flash attention, nothing of size seq x seq is kept.
-torch's CPU flash kernel works through rows in smaller tiles, and with an explicit mask (any padded or packed batch)
-it cannot skip the masked half. Measured on one core (9 query / 3 key-value heads of 64, bf16; forward + backward,
+each block's fp32 scores (576 x at most a few thousand) stay in the cache. The softmax is one fused kernel per block.
+Short rows keep each block's bf16 probabilities for the backward pass (at most `SAVE_PROBS_BYTES` per call); longer
+rows recompute them there, so, as with flash attention, nothing of size seq x seq is kept for them. torch's CPU flash
+kernel works through rows in smaller tiles, and with an explicit mask (any padded or packed batch) it cannot skip the
+masked half. Measured on one core before the probabilities were kept, which then ran 1.19-1.42x faster for rows of
+128-512 tokens (9 query / 3 key-value heads of 64, bf16; forward + backward,
 ms; `python bench/attention.py`, whose numbers swing run to run): one 512-token row 20.0 against SDPA's 27.6, one
 1024-token row 63 against 67, two padded 256-token rows 14.1 against 18.1, two padded 1024-token rows 156 against 202;
 forward alone 7.8 against 8.4 (512) and 21.3 against 24.2 (1024), but 0.7-0.8x SDPA's speed for short padded
@@ -15,7 +17,7 @@ soft-capping, sliding windows and attention sinks. Queries after a cached prefix
 
 Precision: the scores (q k^T) and the gradient of the probabilities (dO v^T) are computed in fp32 from the bf16 inputs, as
 the flash kernel does; the probabilities meet v, and the gradients meet k and q, in the input dtype with fp32
-accumulation; the key and value gradients sum over the blocks in fp32. Under autocast q, k and v are cast to the
+accumulation (kept probabilities are those input-dtype ones); the key and value gradients sum over the blocks in fp32. Under autocast q, k and v are cast to the
 autocast dtype first, as autocast casts SDPA's inputs.
 
 Registered with transformers as the attention implementation "tunelab_cpu"; `use_short_attention(model)` switches a

@@ -326,10 +326,9 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
         memory_plan = memory_plan.replace(f"<= {before} tokens", f"<= {micro_tokens} tokens, {threads} at once")
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # a prefix every row of a step shares runs once per step (loss.SharedPrefix): one process (DDP's hooks expect one
-    # backward pass per forward), no fp16 loss scaling, no checkpointing, the plain causal-LM loss
-    share_prefix = (type(objective) is Objective and not dist.active and not checkpointing and dtype != torch.float16
-                    and t.share_prefix)
+    # a prefix every row of a step shares runs once per step (loss.SharedPrefix, which also refuses a checkpointed
+    # decoder): one process (DDP's hooks expect one backward pass per forward), no fp16 loss scaling, the plain loss
+    share_prefix = t.share_prefix and type(objective) is Objective and not dist.active and dtype != torch.float16
     model.train()
 
     # 2. Optimizer, schedule, plan.
@@ -436,32 +435,39 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
                 batches = [objective.collate([prefix.strip(data.train[i]) if prefix else data.train[i] for i in mb], pad_id)
                            for b in (mine or [step_batches[0][:1]]) for mb in micro_batches(b, lengths, micro_tokens)]
                 n_trained = 0 if idle else sum(objective.count(b) for b in batches)
-                prefix_tokens = prefix.length if prefix is not None else 0  # per row, for the token count
                 n_trained = max(1, int(dist.sum(n_trained)[0]))
                 loss_sum, tokens = 0.0, 0
+
+                def batch_loss(batch, prefix=prefix):
+                    """(summed loss, units) of one micro-batch, under autocast."""
+                    with autocast(device, dtype):
+                        return causal_lm_loss(model, batch, prefix) if prefix is not None else step_model(batch)
+
+                def real_tokens(batch, prefix=prefix) -> int:
+                    """The batch's tokens, padding left out and a stripped prefix counted back in for every row."""
+                    return int(batch["attention_mask"].sum()) + (prefix.length * len(batch["input_ids"]) if prefix else 0)
+
                 if threads > 1 and len(batches) > 1:  # a CPU: micro-batches side by side, one core each
-                    def loss_of(batch, n_trained=n_trained, prefix=prefix):
-                        with autocast(device, dtype):
-                            loss, _ = causal_lm_loss(model, batch, prefix) if prefix is not None else step_model(batch)
+                    def loss_of(batch, n_trained=n_trained):
+                        loss, _ = batch_loss(batch)
                         return loss / n_trained, float(loss.detach())
 
                     trainable_now = [p for p in model.parameters() if p.requires_grad]
                     if prefix is not None:  # their gradients summed like the parameters', for prefix.backward()
                         trainable_now += prefix.leaves()
                     loss_sum = sum(backward_in_threads(loss_of, batches, trainable_now, workers))
-                    tokens = sum(int(b["attention_mask"].sum()) + prefix_tokens * len(b["input_ids"]) for b in batches)
+                    tokens = sum(real_tokens(b) for b in batches)
                 for k, batch in enumerate(batches if threads == 1 or len(batches) == 1 else []):
                     batch = {key: v.to(device) for key, v in batch.items()}
                     with dist.no_sync(step_model, sync=k == len(batches) - 1):
-                        with autocast(device, dtype):
-                            loss, _ = causal_lm_loss(model, batch, prefix) if prefix is not None else step_model(batch)
+                        loss, _ = batch_loss(batch)
                         if idle:
                             loss = loss * 0.0
                         # DDP averages the ranks' gradients: each scales by world / global units -> the mean per
                         # trained token (or pair).
                         scaler.scale(loss / (n_trained / dist.world)).backward()
                     loss_sum += float(loss.detach())
-                    tokens += 0 if idle else int(batch["attention_mask"].sum()) + prefix_tokens * len(batch["input_ids"])
+                    tokens += 0 if idle else real_tokens(batch)
                 if prefix is not None:
                     prefix.backward()
                 if dist.active:
