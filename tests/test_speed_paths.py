@@ -4,6 +4,7 @@ autocast input casts, micro-batches, token-budget batches, gradient checkpointin
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -200,6 +201,14 @@ def test_memory_plan():
     assert ckpt is True and "checkpointing" in reason
     assert plan_memory(None, False, cfg, torch.bfloat16, cpu, 4096, free=gib)[:2] == (None, False)  # explicit wins
     assert plan_memory(2048, True, cfg, None, cpu, 8, free=64 * gib)[:2] == (2048, True)
+    # micro-batches side by side share the memory: the auto budget is each one's share, the reason says how many
+    one, _, _ = plan_memory("auto", "auto", cfg, torch.bfloat16, cpu, 256, free=gib)
+    two, ckpt, reason = plan_memory("auto", "auto", cfg, torch.bfloat16, cpu, 256, free=gib, threads=2)
+    assert two == one // 2 and ckpt is False and "2 at once" in reason
+    assert plan_memory("auto", "auto", cfg, torch.bfloat16, cpu, 512, free=16 * gib, threads=2)[0] == CPU_MICRO_BATCH_TOKENS
+    # `one` is all that fits at 1 GiB: an explicit budget that large, four at a time, needs checkpointing
+    assert plan_memory(one, "auto", cfg, torch.bfloat16, cpu, 8, free=gib)[1] is False
+    assert plan_memory(one, "auto", cfg, torch.bfloat16, cpu, 8, free=gib, threads=4)[1] is True
 
 
 def test_micro_batch_tokens_must_be_positive(tiny_model_dir, tmp_path):
@@ -256,6 +265,55 @@ def test_backward_in_threads_sums_every_gradient_like_one_thread():
     for p, g in zip(layer.parameters(), expected):
         torch.testing.assert_close(p.grad, g, rtol=1e-6, atol=1e-7)
     assert unused.grad is None
+
+
+def test_backward_in_threads_runs_the_given_groups():
+    """`groups` says which micro-batches each thread runs; the summed gradients are the same whichever split."""
+    from tunelab.train.parallel import Workers, backward_in_threads
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 1)
+    batches = [{"input_ids": torch.randn(n, 8)} for n in (5, 3, 7, 2)]
+    ran: list[tuple[str, int]] = []
+
+    def loss_of(batch):
+        ran.append((threading.current_thread().name, len(batch["input_ids"])))
+        loss = layer(batch["input_ids"]).pow(2).sum()
+        return loss, float(loss.detach())
+
+    for b in batches:
+        loss_of(b)[0].backward()
+    expected = layer.weight.grad.clone()
+    layer.zero_grad(set_to_none=True)
+    ran.clear()
+    values = backward_in_threads(loss_of, batches, list(layer.parameters()), Workers(2), groups=[[0, 3], [1, 2]])
+    assert len(values) == 4
+    torch.testing.assert_close(layer.weight.grad, expected, rtol=1e-6, atol=1e-7)
+    by_thread = {}
+    for name, n in ran:
+        by_thread.setdefault(name, []).append(n)
+    assert sorted(by_thread.values()) == [[3, 7], [5, 2]]  # 5 and 2 rows on one thread, 3 and 7 on the other
+
+
+def test_split_step_balances_rows_across_threads_in_few_micro_batches():
+    from tunelab.train.parallel import row_cost, split_step
+
+    # long rows: each thread gets four, in micro-batches of two (the budget), about the same cost on each thread
+    lengths = [392, 488, 403, 418, 395, 488, 407, 403]
+    plan = split_step(list(range(8)), lengths, 2, 1000)
+    assert sorted(i for group in plan for mb in group for i in mb) == list(range(8))  # every row once
+    assert [len(group) for group in plan] == [2, 2]
+    assert all(len(mb) * max(lengths[i] for i in mb) <= 1000 for group in plan for mb in group)
+    costs = [sum(row_cost(lengths[i]) for mb in group for i in mb) for group in plan]
+    assert max(costs) / min(costs) < 1.05
+    assert split_step(list(range(8)), lengths, 2, 1000) == plan  # deterministic
+    # short rows: one micro-batch per thread (dealing ready-made micro-batches left one thread idle here)
+    short = [61, 59, 58, 56, 54, 51, 51, 50]
+    assert [len(group) for group in split_step(list(range(8)), short, 2, 512)] == [1, 1]
+    # a row longer than the budget still gets its own micro-batch; one row is one thread's work
+    assert split_step([3], [1, 1, 1, 900], 2, 512) == [[[3]]]
+    # rows name examples of the whole data set: the plan holds those indices
+    assert sorted(i for group in split_step([7, 2, 5], [10] * 8, 2, None) for mb in group for i in mb) == [2, 5, 7]
 
 
 def test_workers_keep_grad_mode_and_raise_a_threads_error():

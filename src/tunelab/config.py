@@ -510,13 +510,15 @@ class TrainingConfig(Section):
     micro_batch_tokens: int | Literal["auto"] | None = Field(
         default="auto",
         description="Split each batch into micro-batches of at most this many padded tokens: the same gradients with "
-        "less memory. auto = 512 on a CPU (larger ran slower there), from free memory on a GPU; null = never split.",
+        "less memory. auto = 512 on a CPU (larger ran slower there; each of the micro-batches run at once gets its share of "
+        "free memory), from free memory on a GPU; null = never split.",
     )
     micro_batch_threads: int | Literal["auto"] = Field(
         default="auto",
         description="CPU only: run this many micro-batches at once, each on one core (a small model's ops split badly "
         "across cores). auto = one per torch thread when nothing in a step depends on thread order (no dropout, one "
-        "process, a thread-safe objective), and then auto micro-batches share the 512 tokens; 1 = off.",
+        "process, a thread-safe objective). Each thread takes its share of a step's rows (dealt by estimated cost) as "
+        "micro-batches of up to micro_batch_tokens; 1 = off.",
     )
     share_prefix: bool = Field(
         default=True,

@@ -59,7 +59,7 @@ from tunelab.train.lora_fused import restore_lora, use_fused_lora
 from tunelab.train.loss import SharedPrefix, causal_lm_loss
 from tunelab.train.memory import CPU_MICRO_BATCH_TOKENS, available_memory, plan_memory, return_freed_memory
 from tunelab.train.objective import Objective, check_data_format
-from tunelab.train.parallel import Workers, backward_in_threads, deal, step_threads
+from tunelab.train.parallel import Workers, backward_in_threads, deal, split_step, step_threads
 from tunelab.train.penalty import build_penalty
 from tunelab.train.precision import autocast, pick_device, pick_precision, share_input_casts, store_frozen_in
 from tunelab.train.progress import TrainProgress
@@ -314,16 +314,11 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
     fused = use_fused_lora(model)  # plain LoRA layers as one autograd node each (train/lora_fused.py); undone at the end
     objective = build_objective(cfg.method, model, tokenizer, dtype, cfg.task)  # what a step optimizes; before any weight moves
     lengths = train_lengths(data)
-    micro_tokens, checkpointing, memory_plan = plan_memory(
-        t.micro_batch_tokens, t.gradient_checkpointing if getattr(cfg.method, "supports_gradient_checkpointing", True) else False,
-        model.config, dtype, device, max(lengths, default=1))
     threads = step_threads(t.micro_batch_threads, device, model, objective.thread_safe, dist.world)
     workers = Workers(threads)  # pool threads for the whole run (training steps and evaluation)
-    if threads > 1:
-        before = micro_tokens
-        if t.micro_batch_tokens == "auto" and micro_tokens:
-            micro_tokens = max(1, micro_tokens // threads)  # the same tokens in flight, shared by the threads
-        memory_plan = memory_plan.replace(f"<= {before} tokens", f"<= {micro_tokens} tokens, {threads} at once")
+    micro_tokens, checkpointing, memory_plan = plan_memory(
+        t.micro_batch_tokens, t.gradient_checkpointing if getattr(cfg.method, "supports_gradient_checkpointing", True) else False,
+        model.config, dtype, device, max(lengths, default=1), threads=threads)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # a prefix every row of a step shares runs once per step (loss.SharedPrefix, which also refuses a checkpointed
@@ -432,8 +427,13 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
                 if share_prefix:
                     with autocast(device, dtype):
                         prefix = SharedPrefix.find(model, [data.train[i] for b in mine for i in b], device, train=True)
+                if threads > 1 and not idle:  # the step's rows dealt to the threads, then cut into micro-batches
+                    plan = split_step([i for b in mine for i in b], lengths, threads, micro_tokens)
+                else:
+                    plan = [[mb for b in (mine or [step_batches[0][:1]]) for mb in micro_batches(b, lengths, micro_tokens)]]
                 batches = [objective.collate([prefix.strip(data.train[i]) if prefix else data.train[i] for i in mb], pad_id)
-                           for b in (mine or [step_batches[0][:1]]) for mb in micro_batches(b, lengths, micro_tokens)]
+                           for group in plan for mb in group]
+                groups = [list(range(sum(map(len, plan[:g])), sum(map(len, plan[: g + 1])))) for g in range(len(plan))]
                 n_trained = 0 if idle else sum(objective.count(b) for b in batches)
                 n_trained = max(1, int(dist.sum(n_trained)[0]))
                 loss_sum, tokens = 0.0, 0
@@ -455,7 +455,7 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
                     trainable_now = [p for p in model.parameters() if p.requires_grad]
                     if prefix is not None:  # their gradients summed like the parameters', for prefix.backward()
                         trainable_now += prefix.leaves()
-                    loss_sum = sum(backward_in_threads(loss_of, batches, trainable_now, workers))
+                    loss_sum = sum(backward_in_threads(loss_of, batches, trainable_now, workers, groups))
                     tokens = sum(real_tokens(b) for b in batches)
                 for k, batch in enumerate(batches if threads == 1 or len(batches) == 1 else []):
                     batch = {key: v.to(device) for key, v in batch.items()}

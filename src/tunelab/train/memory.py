@@ -13,7 +13,9 @@ import sys
 
 import torch
 
-CPU_MICRO_BATCH_TOKENS = 512  # on a 2-core CPU, 512-token micro-batches ran 210 tok/s, 256: 204, 1024: 191, unsplit: 143
+# Per micro-batch, on a CPU. With one micro-batch at a time on 2 cores, 512-token micro-batches ran 210 tok/s, 256: 204,
+# 1024: 191, unsplit: 143; with one per core (train/parallel.py), 512 ran 328 tok/s, 256: 300, 1024: 320, 2048: 272.
+CPU_MICRO_BATCH_TOKENS = 512
 BACKWARD_MARGIN = 2.0  # peak / saved activations, measured on SmolLM2-135M LoRA steps
 
 
@@ -44,21 +46,25 @@ def available_memory(device: torch.device) -> int:
         return 8 << 30
 
 
-def plan_memory(setting_tokens, setting_checkpointing, config, dtype, device, longest: int, free: int | None = None) -> tuple[int | None, bool, str]:
+def plan_memory(setting_tokens, setting_checkpointing, config, dtype, device, longest: int, free: int | None = None,
+                threads: int = 1) -> tuple[int | None, bool, str]:
     """(micro-batch token budget or None, gradient checkpointing on?, a one-line reason) for a run whose longest row
-    has `longest` tokens. Checkpointing under `auto` turns on only when even that one row would not fit."""
+    has `longest` tokens and whose steps run `threads` micro-batches at once (the auto budget is per micro-batch, so
+    they share the memory). Checkpointing under `auto` turns on only when even that one row would not fit."""
     free = available_memory(device) if free is None else free
     per_token = activation_bytes_per_token(config, dtype) * BACKWARD_MARGIN
     fits = int(0.6 * free / per_token)  # tokens whose activations fit in 60% of free memory
+    share = max(1, fits // threads)  # each of the micro-batches in flight at once
     if setting_tokens == "auto":
-        tokens = max(1, min(CPU_MICRO_BATCH_TOKENS if device.type == "cpu" else fits, fits))
+        tokens = min(CPU_MICRO_BATCH_TOKENS, share) if device.type == "cpu" else share
     else:
         tokens = setting_tokens
     if setting_checkpointing == "auto":
-        checkpointing = max(longest, 0 if setting_tokens == "auto" else tokens or 0) > fits
+        checkpointing = max(longest, 0 if setting_tokens == "auto" else (tokens or 0) * threads) > fits
     else:
         checkpointing = bool(setting_checkpointing)
     reason = (f"micro-batches of <= {tokens} tokens" if tokens else "no micro-batch split") + (
+        f", {threads} at once" if threads > 1 else "") + (
         f", gradient checkpointing on ({free / 2**30:.1f} GiB free)" if checkpointing else "")
     return tokens, checkpointing, reason
 
