@@ -57,7 +57,7 @@ from tunelab.train.checkpoint import (
 from tunelab.train.distributed import LossModule, init_distributed
 from tunelab.train.lora_fused import restore_lora, use_fused_lora
 from tunelab.train.loss import SharedPrefix, causal_lm_loss
-from tunelab.train.memory import CPU_EVAL_BATCH_TOKENS, available_memory, plan_memory, return_freed_memory
+from tunelab.train.memory import CPU_MICRO_BATCH_TOKENS, available_memory, plan_memory, return_freed_memory
 from tunelab.train.objective import Objective, check_data_format
 from tunelab.train.parallel import Workers, backward_in_threads, deal, split_step, step_threads
 from tunelab.train.penalty import build_penalty
@@ -99,9 +99,8 @@ def loss_totals(model, examples: list[Encoded], batch_size: int, pad_id: int, de
                 workers: Workers | None = None) -> tuple[float, int]:
     """(summed loss, units: trained tokens or pairs) over examples; the objective's metric sums go into `stats`.
 
-    Batches hold examples of similar length, at most `batch_size` of them; on a CPU also at most
-    `CPU_EVAL_BATCH_TOKENS` padded tokens, since bigger activations fall out of the cache there (16 rows at a time ran
-    slower than one row at a time)."""
+    Batches hold examples of similar length, at most `batch_size` of them; on a CPU also at most ~512 padded tokens,
+    since bigger activations fall out of the cache there (16 rows at a time ran slower than one row at a time)."""
     objective = objective or Objective()
     was_training = model.training
     model.eval()
@@ -114,7 +113,7 @@ def loss_totals(model, examples: list[Encoded], batch_size: int, pad_id: int, de
     lengths = [e.batch_tokens for e in examples]
     order = sorted(range(len(examples)), key=lambda i: -lengths[i])
     if device.type == "cpu":
-        chunks = budget_chunks(order, lengths, CPU_EVAL_BATCH_TOKENS, batch_size)
+        chunks = budget_chunks(order, lengths, CPU_MICRO_BATCH_TOKENS, batch_size)
     else:
         chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     threads = torch.get_num_threads() if device.type == "cpu" and objective.thread_safe else 1

@@ -16,9 +16,6 @@ import torch
 # Per micro-batch, on a CPU. With one micro-batch at a time on 2 cores, 512-token micro-batches ran 210 tok/s, 256: 204,
 # 1024: 191, unsplit: 143; with one per core (train/parallel.py), 512 ran 328 tok/s, 256: 300, 1024: 320, 2048: 272.
 CPU_MICRO_BATCH_TOKENS = 512
-# Per evaluation batch (no backward pass), on a CPU: 200 Alpaca rows, two batches side by side, ran 44.3/48.0 s in
-# batches of at most 256 tokens, 45.7/51.5 s at 512, 48.5 s at 1024, 47.9 s at 128 (two interleaved runs).
-CPU_EVAL_BATCH_TOKENS = 256
 BACKWARD_MARGIN = 2.0  # peak / saved activations, measured on SmolLM2-135M LoRA steps
 
 
