@@ -11,6 +11,7 @@ checkpoint stores every RNG state and the loop position, so a resumed run repeat
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import random
@@ -433,7 +434,8 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
                     plan = [[mb for b in (mine or [step_batches[0][:1]]) for mb in micro_batches(b, lengths, micro_tokens)]]
                 batches = [objective.collate([prefix.strip(data.train[i]) if prefix else data.train[i] for i in mb], pad_id)
                            for group in plan for mb in group]
-                groups = [list(range(sum(map(len, plan[:g])), sum(map(len, plan[: g + 1])))) for g in range(len(plan))]
+                bounds = itertools.accumulate(map(len, plan), initial=0)  # each thread's micro-batches in `batches`
+                groups = [list(range(a, b)) for a, b in itertools.pairwise(bounds)]
                 n_trained = 0 if idle else sum(objective.count(b) for b in batches)
                 n_trained = max(1, int(dist.sum(n_trained)[0]))
                 loss_sum, tokens = 0.0, 0
