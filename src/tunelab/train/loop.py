@@ -423,13 +423,14 @@ def train(cfg: RunConfig, resume: bool | str | None = None, quiet: bool = False,
                 # (a batch smaller than the group) still runs one example at weight 0 to join the gradient all-reduce.
                 mine = [part for part in (dist.shard(b) for b in step_batches) if part]
                 idle = not mine
+                rows = [i for b in mine for i in b]
                 # the tokens all the step's rows start with (a chat template's system prompt) run once (loss.SharedPrefix)
                 prefix = None
                 if share_prefix:
                     with autocast(device, dtype):
-                        prefix = SharedPrefix.find(model, [data.train[i] for b in mine for i in b], device, train=True)
+                        prefix = SharedPrefix.find(model, [data.train[i] for i in rows], device, train=True)
                 if threads > 1 and not idle:  # the step's rows dealt to the threads, then cut into micro-batches
-                    plan = split_step([i for b in mine for i in b], lengths, threads, micro_tokens)
+                    plan = split_step(rows, lengths, threads, micro_tokens)
                 else:
                     plan = [[mb for b in (mine or [step_batches[0][:1]]) for mb in micro_batches(b, lengths, micro_tokens)]]
                 batches = [objective.collate([prefix.strip(data.train[i]) if prefix else data.train[i] for i in mb], pad_id)
