@@ -359,6 +359,27 @@ def test_workers_keep_grad_mode_and_raise_a_threads_error():
     assert torch.get_num_threads() == before  # the intra-op thread count is restored
 
 
+def test_workers_share_one_queue_so_threads_end_together():
+    import time
+
+    from tunelab.train.parallel import Workers
+
+    def work(g, queue):
+        taken = []
+        for item in queue:
+            if item == 0:
+                time.sleep(0.5)  # one slow item: the other thread takes all the rest meanwhile
+            taken.append(item)
+        return g, taken
+
+    with Workers(2) as pool:
+        (g0, first), (g1, second) = pool.share(work, range(20))
+        assert (g0, g1) == (0, 1) and sorted(first + second) == list(range(20))  # every item once
+        assert [0] in (first, second) and sorted(max(first, second, key=len)) == list(range(1, 20))
+        assert pool.share(work, range(5), threads=1) == [(0, [0, 1, 2, 3, 4])]  # one thread: in order, on the caller
+        assert pool.share(work, [7]) == [(0, [7])]  # never more threads than items
+
+
 def test_micro_batch_threads_only_where_thread_order_cannot_matter(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

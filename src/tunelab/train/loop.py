@@ -18,7 +18,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +60,7 @@ from tunelab.train.lora_fused import restore_lora, use_fused_lora
 from tunelab.train.loss import SharedPrefix, causal_lm_loss
 from tunelab.train.memory import CPU_MICRO_BATCH_TOKENS, available_memory, plan_memory, return_freed_memory
 from tunelab.train.objective import Objective, check_data_format
-from tunelab.train.parallel import Workers, backward_in_threads, deal, split_step, step_threads
+from tunelab.train.parallel import Workers, backward_in_threads, split_step, step_threads
 from tunelab.train.penalty import build_penalty
 from tunelab.train.precision import autocast, pick_device, pick_precision, share_input_casts, store_frozen_in
 from tunelab.train.progress import TrainProgress
@@ -126,10 +126,10 @@ def loss_totals(model, examples: list[Encoded], batch_size: int, pad_id: int, de
     copies = sum(p.numel() for p in model.parameters() if p.requires_grad and p.dtype == torch.float32) * 2 * threads
     one_region = dtype is not None and copies < available_memory(device) // 4
 
-    def score(_thread: int, indices: list[int]) -> dict[int, tuple[float, int, dict[str, float]]]:
+    def score(_thread: int, queue: Iterator[int]) -> dict[int, tuple[float, int, dict[str, float]]]:
         out = {}
         with autocast(device, dtype) if one_region else contextlib.nullcontext():
-            for c in indices:
+            for c in queue:
                 batch = {k: v.to(device) for k, v in objective.collate([examples[i] for i in chunks[c]], pad_id).items()}
                 sums: dict[str, float] = {}
                 with contextlib.nullcontext() if one_region else autocast(device, dtype):
@@ -140,10 +140,11 @@ def loss_totals(model, examples: list[Encoded], batch_size: int, pad_id: int, de
                 out[c] = (float(loss), n, sums)
         return out
 
-    # On a CPU the batches run side by side, one core each (train/parallel.py); summed in batch order either way.
+    # On a CPU the batches run side by side, one core each (train/parallel.py), each thread taking the next batch,
+    # longest first, as it finishes one; summed in batch order either way.
     scored: dict[int, tuple[float, int, dict[str, float]]] = {}
     with contextlib.nullcontext(workers) if workers is not None else Workers(threads) as pool:
-        for part in pool.run(score, deal([sum(lengths[i] for i in c) for c in chunks], threads) if chunks else []):
+        for part in pool.share(score, range(len(chunks)), threads):
             scored.update(part)
     for c in range(len(chunks)):
         loss, n, sums = scored[c]

@@ -19,7 +19,8 @@ DPO's reference pass switches the adapter off for the whole model, so it is not)
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Self, TypeVar
 
@@ -130,6 +131,15 @@ class Workers:
             raise error
         return [first, *rest]
 
+    def share(self, work: Callable[[int, Iterator[T]], R], items: Sequence[T], threads: int | None = None) -> list[R]:
+        """`work(thread_index, queue)` on `threads` threads (default: all) at once, every thread drawing items from one
+        shared queue as it finishes the last, so that they end together whatever each item costs (give the items
+        longest first); results in thread order. Which thread gets which item varies run to run, so `work` must not
+        depend on it (each item's result its own)."""
+        threads = min(threads or self.threads, self.threads, len(items))
+        queue = _Queue(items)
+        return self.run(lambda g, _: work(g, queue), [[]] * threads) if threads > 1 else [work(0, queue)]
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
@@ -140,6 +150,21 @@ class Workers:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Queue:
+    """An iterator over `items` that several threads can draw from."""
+
+    def __init__(self, items: Sequence[T]) -> None:
+        self._items = iter(items)
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> T:
+        with self._lock:
+            return next(self._items)
 
 
 def backward_in_threads(loss_of: Callable[[dict], tuple[torch.Tensor, float]], batches: list[dict],
