@@ -31,7 +31,9 @@ def naive_loss(hidden, weight, targets, softcap=None):
 
 @pytest.mark.parametrize("softcap", [None, 30.0])
 @pytest.mark.parametrize("chunk_elements", [1, 7 * 500, 1 << 24])  # one row per chunk, 7 rows, everything at once
-def test_linear_cross_entropy_equals_the_naive_loss_and_gradients(softcap, chunk_elements):
+@pytest.mark.parametrize("softmax_rows", [1, 3, 100])  # log-softmax slices within each chunk's rows
+def test_linear_cross_entropy_equals_the_naive_loss_and_gradients(softcap, chunk_elements, softmax_rows, monkeypatch):
+    monkeypatch.setattr(loss_module, "SOFTMAX_ELEMENTS", softmax_rows * 500)
     torch.manual_seed(0)
     hidden = torch.randn(60, 32, requires_grad=True)
     weight = torch.randn(500, 32, requires_grad=True)

@@ -176,40 +176,14 @@ def _compute_dtype(device_type: str, fallback: torch.dtype) -> torch.dtype:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(hidden_i @ weight.T, target_i), chunk by chunk; gradients are computed in the forward pass.
-
-    Per chunk: the logits in the matmul dtype, one fused fp32 log-softmax (the loss), its exp in place (the softmax, whose
-    gradient is softmax - onehot), written back into the logits' buffer for the gradient matmuls. Small chunks keep those
-    buffers in the cache and off the peak: 85 rows of a 49k vocabulary is 17 MB in fp32."""
+    """sum_i CE(hidden_i @ weight.T, target_i), chunk by chunk (`_chunked_cross_entropy`); its gradients are computed in
+    the forward pass and kept for the backward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, softcap, chunk_rows):
-        dtype = _compute_dtype(hidden.device.type, hidden.dtype)  # the matmul precision autocast would use
-        w = cached_cast(weight, dtype)
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
-        grad_h = torch.empty_like(hidden) if want_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_rows):
-            h = hidden[start : start + chunk_rows].to(dtype)
-            t = targets[start : start + chunk_rows]
-            logits = h @ w.T
-            if softcap:
-                capped = torch.tanh(logits.float() / softcap)
-                log_probs = torch.log_softmax(capped * softcap, dim=-1)
-            else:
-                log_probs = _log_softmax32(logits)
-            total -= log_probs.gather(1, t[:, None]).sum()
-            d_logits = log_probs.exp_()  # softmax, in place of the log-probabilities
-            d_logits[torch.arange(t.shape[0], device=t.device), t] -= 1
-            if softcap:
-                d_logits *= 1 - capped * capped
-            d_logits = logits.copy_(d_logits)  # in the matmul dtype, in the logits' buffer
-            if want_h:
-                grad_h[start : start + chunk_rows] = d_logits @ w
-            if want_w:
-                grad_w += (d_logits.T @ h).float()
+        total, grad_h, grad_w = _chunked_cross_entropy(hidden, weight, targets, softcap, chunk_rows,
+                                                       ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         ctx.save_for_backward(grad_h, grad_w)
         return total
 
@@ -225,57 +199,66 @@ class _LinearCrossEntropy(torch.autograd.Function):
         )
 
 
-def _log_softmax32(logits: torch.Tensor) -> torch.Tensor:
-    """fp32 log-softmax over the last dim. On a CPU a bf16 tensor is widened first: 5.6 ms against 7.8 for `dtype=`
-    (85 x 49k); CUDA's kernel widens as it reads."""
-    if logits.device.type == "cpu":
-        return torch.log_softmax(logits.float(), dim=-1)
-    return torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-
-
-TRAIN_CHUNK_ELEMENTS = 1 << 22  # logits per chunk with gradients: 85 rows of a 49k vocabulary, 17 MB in fp32
-EVAL_CHUNK_ELEMENTS = 3 << 22  # without: 256 rows per matmul (bf16 logits, 25 MB), which ran faster than 85 or 512
+CHUNK_ELEMENTS = 3 << 22  # logits per matmul: 256 rows of a 49k vocabulary (bf16: 25 MB); 85 and 512 rows ran slower
 SOFTMAX_ELEMENTS = 1 << 21  # log-probabilities per log-softmax: 42 rows of a 49k vocabulary, 8 MB in fp32
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None = None,
-                         chunk_elements: int | None = None) -> torch.Tensor:
+                         chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """Summed cross-entropy of `hidden @ weight.T` against `targets`, never materializing more than ~`chunk_elements`
     logits at once. Equal to `F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")` (with
     gradients for `hidden` and, when it requires them, `weight`), in the autocast precision when autocast is on."""
+    chunk_rows = max(1, chunk_elements // weight.shape[0])
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        chunk_rows = max(1, (chunk_elements or TRAIN_CHUNK_ELEMENTS) // weight.shape[0])
         return _LinearCrossEntropy.apply(hidden, weight, targets, softcap, chunk_rows)
-    return _cross_entropy_sum(hidden, weight, targets, softcap, max(1, (chunk_elements or EVAL_CHUNK_ELEMENTS) // weight.shape[0]))
+    return _chunked_cross_entropy(hidden, weight, targets, softcap, chunk_rows, False, False)[0]
 
 
-def _cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None,
-                       chunk_rows: int) -> torch.Tensor:
-    """`linear_cross_entropy` where no gradient is wanted (evaluation): each chunk's logits go into one reused buffer,
-    and are log-softmaxed in fp32 a few rows at a time, into a second reused buffer.
+def _chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None,
+                           chunk_rows: int, want_h: bool, want_w: bool):
+    """(summed loss, its gradient for `hidden` or None, for `weight` in fp32 or None), `chunk_rows` rows at a time.
 
-    The LM head and loss of 200 Alpaca rows (SmolLM2-135M, bf16, two threads) took 12.4 s of thread time against 14.7
-    for the training path's chunks: the matmul runs at a better rate on 256 rows than on 85, and an 8 MB fp32 buffer,
-    reused, stays in the cache, where 17 MB ones allocated for every chunk did not."""
-    dtype = _compute_dtype(hidden.device.type, hidden.dtype)
-    w = cached_cast(weight, dtype).T
+    Each chunk's logits go into one reused buffer, in the matmul dtype. A few rows at a time they are log-softmaxed in
+    fp32 into a second reused buffer (the loss); its exp in place is the softmax, and the logits' gradient (softmax -
+    onehot) is written back over the logits for the gradient matmuls. So the matmuls run on 256 rows, where they ran
+    faster than on 85, and the fp32 work stays in an 8 MB buffer in the cache. With 17 MB buffers allocated afresh for
+    each 85-row chunk, the LM head and loss of 200 Alpaca rows (SmolLM2-135M, bf16 evaluation on two threads) took
+    14.7 s of thread time; 12.4 s this way."""
+    dtype = _compute_dtype(hidden.device.type, hidden.dtype)  # the matmul precision autocast would use
+    w = cached_cast(weight, dtype)
     n, vocab = hidden.shape[0], weight.shape[0]
+    grad_h = torch.empty_like(hidden) if want_h else None
+    grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
     logits_buffer = hidden.new_empty((min(chunk_rows, n), vocab), dtype=dtype)
-    wide_rows = max(1, min(SOFTMAX_ELEMENTS // vocab, chunk_rows, n))
-    log_probs = hidden.new_empty((wide_rows, vocab), dtype=torch.float32)
-    picked = hidden.new_empty(n, dtype=torch.float32)
+    slice_rows = max(1, min(SOFTMAX_ELEMENTS // vocab, chunk_rows, n))
+    log_probs = hidden.new_empty((slice_rows, vocab), dtype=torch.float32)
+    picked = hidden.new_empty(n, dtype=torch.float32)  # each row's log-probability of its target
     for start in range(0, n, chunk_rows):
         end = min(start + chunk_rows, n)
-        logits = torch.mm(hidden[start:end].to(dtype), w, out=logits_buffer[: end - start])
-        for a in range(start, end, wide_rows):
-            part = logits[a - start : min(a + wide_rows, end) - start]
-            out = log_probs[: part.shape[0]]
+        h = hidden[start:end].to(dtype)
+        logits = torch.mm(h, w.T, out=logits_buffer[: end - start])
+        for a in range(0, end - start, slice_rows):
+            part = logits[a : a + slice_rows]
+            rows = part.shape[0]
+            t = targets[start + a : start + a + rows]
+            out = log_probs[:rows]
             if softcap:
-                out = torch.log_softmax(out.copy_(part).div_(softcap).tanh_().mul_(softcap), dim=-1, out=out)
+                capped = torch.tanh(part.float() / softcap)
+                torch.log_softmax(capped * softcap, dim=-1, out=out)
             else:
-                out = torch.log_softmax(part, dim=-1, dtype=torch.float32, out=out)
-            torch.gather(out, 1, targets[a : a + part.shape[0], None], out=picked[a : a + part.shape[0], None])
-    return -picked.sum()
+                torch.log_softmax(part, dim=-1, dtype=torch.float32, out=out)
+            torch.gather(out, 1, t[:, None], out=picked[start + a : start + a + rows, None])
+            if want_h or want_w:
+                d_logits = out.exp_()  # the softmax, in place of the log-probabilities
+                d_logits[torch.arange(rows, device=t.device), t] -= 1
+                if softcap:
+                    d_logits *= 1 - capped * capped
+                part.copy_(d_logits)  # in the matmul dtype, over the logits
+        if want_h:
+            grad_h[start:end] = logits @ w
+        if want_w:
+            grad_w += (logits.T @ h).float()
+    return -picked.sum(), grad_h, grad_w
 
 
 class _LinearLogProbs(torch.autograd.Function):
