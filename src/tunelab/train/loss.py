@@ -215,7 +215,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 
 def _chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None,
-                           chunk_rows: int, want_h: bool, want_w: bool):
+                           chunk_rows: int, want_h: bool,
+                           want_w: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(summed loss, its gradient for `hidden` or None, for `weight` in fp32 or None), `chunk_rows` rows at a time.
 
     Each chunk's logits go into one reused buffer, in the matmul dtype. A few rows at a time they are log-softmaxed in
