@@ -32,7 +32,7 @@ def naive_loss(hidden, weight, targets, softcap=None):
 @pytest.mark.parametrize("softcap", [None, 30.0])
 @pytest.mark.parametrize("chunk_elements", [1, 7 * 500, 1 << 24])  # one row per chunk, 7 rows, everything at once
 @pytest.mark.parametrize("softmax_rows", [1, 3, 100])  # log-softmax slices within each chunk's rows
-def test_linear_cross_entropy_equals_the_naive_loss_and_gradients(softcap, chunk_elements, softmax_rows, monkeypatch):
+def test_linear_cross_entropy_equals_the_naive_loss_and_gradients_and_without_them(softcap, chunk_elements, softmax_rows, monkeypatch):
     monkeypatch.setattr(loss_module, "SOFTMAX_ELEMENTS", softmax_rows * 500)
     torch.manual_seed(0)
     hidden = torch.randn(60, 32, requires_grad=True)
@@ -47,6 +47,18 @@ def test_linear_cross_entropy_equals_the_naive_loss_and_gradients(softcap, chunk
     assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-6)
     torch.testing.assert_close(hidden.grad / 3, ref_h, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(weight.grad / 3, ref_w, rtol=1e-4, atol=1e-5)  # summed chunk by chunk
+    # without gradients (evaluation): the same chunks and slices outside autograd, in fp32 and under bf16 autocast
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, targets, softcap, chunk_elements=chunk_elements)
+        ref16 = naive_loss(hidden.bfloat16(), weight.bfloat16(), targets, softcap)  # the softcap in bf16 here
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss16 = linear_cross_entropy(hidden, weight, targets, softcap, chunk_elements=chunk_elements)
+    assert loss.grad_fn is None and loss.dtype == torch.float32
+    assert float(loss) == pytest.approx(float(ref), rel=1e-6)
+    # the same bf16 logits, the softcap and loss in fp32
+    assert float(loss16) == pytest.approx(float(ref16), rel=1e-3 if softcap else 1e-5)
+    # nothing requires a gradient: the same path with grad mode on
+    assert float(linear_cross_entropy(hidden.detach(), weight.detach(), targets, softcap)) == pytest.approx(float(ref), rel=1e-6)
 
 
 def test_linear_cross_entropy_never_keeps_a_rows_x_vocab_tensor():
@@ -73,28 +85,6 @@ def test_linear_cross_entropy_under_no_grad_computes_no_gradients():
     assert calls["aten::mm"] == 8  # one logits matmul per 8-row chunk; with gradients 3 (logits, d_hidden, d_weight)
     assert "aten::zeros_like" not in calls  # no weight-gradient buffer
     assert float(loss) == pytest.approx(float(naive_loss(hidden, weight, targets)), rel=1e-5)
-
-
-@pytest.mark.parametrize("softcap", [None, 30.0])
-@pytest.mark.parametrize("chunk_elements", [500, 7 * 500, 1 << 24])  # one row per matmul, 7 rows, everything at once
-@pytest.mark.parametrize("softmax_rows", [1, 3, 100])  # log-softmax slices within each matmul's rows
-def test_linear_cross_entropy_without_gradients_equals_the_naive_loss(softcap, chunk_elements, softmax_rows, monkeypatch):
-    monkeypatch.setattr(loss_module, "SOFTMAX_ELEMENTS", softmax_rows * 500)
-    torch.manual_seed(0)
-    hidden, weight = torch.randn(60, 32, requires_grad=True), torch.randn(500, 32, requires_grad=True)
-    targets = torch.randint(0, 500, (60,))
-    with torch.no_grad():
-        ref = naive_loss(hidden, weight, targets, softcap)
-        loss = linear_cross_entropy(hidden, weight, targets, softcap, chunk_elements=chunk_elements)
-        ref16 = naive_loss(hidden.bfloat16(), weight.bfloat16(), targets, softcap)  # the softcap in bf16 here
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss16 = linear_cross_entropy(hidden, weight, targets, softcap, chunk_elements=chunk_elements)
-    assert loss.grad_fn is None and loss.dtype == torch.float32
-    assert float(loss) == pytest.approx(float(ref), rel=1e-6)
-    # the same bf16 logits, the softcap and loss in fp32
-    assert float(loss16) == pytest.approx(float(ref16), rel=1e-3 if softcap else 1e-5)
-    # nothing requires a gradient: the same path with grad mode on
-    assert float(linear_cross_entropy(hidden.detach(), weight.detach(), targets, softcap)) == pytest.approx(float(ref), rel=1e-6)
 
 
 def test_linear_cross_entropy_under_bf16_autocast_matches_autocast_reference():
