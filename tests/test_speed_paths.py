@@ -19,7 +19,7 @@ from tunelab.methods import attach_method
 from tunelab.train import loss as loss_module
 from tunelab.train.loss import causal_lm_loss, linear_cross_entropy
 from tunelab.train.memory import CPU_MICRO_BATCH_TOKENS, activation_bytes_per_token, plan_memory
-from tunelab.train.precision import share_input_casts, store_frozen_in
+from tunelab.train.precision import can_pack_weights, packed_linears, share_input_casts, store_frozen_in
 
 
 def naive_loss(hidden, weight, targets, softcap=None):
@@ -446,3 +446,56 @@ def test_exact_dedupe_does_not_import_datasketch():
             "exact_duplicates(['a b', 'a b', 'c']); cross_split_matches(['a b'], ['a b', 'x'], threshold=None); "
             "print('datasketch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+needs_packing = pytest.mark.skipif(not can_pack_weights(), reason="needs a torch built with oneDNN (mkldnn)")
+
+
+@needs_packing
+def test_packed_linears_score_the_same_and_leave_nothing_behind():
+    """Inside the block the linear layers (and the loss head, through the weight) read oneDNN-packed bf16 weights: the
+    same logits and loss as autocast's own casts, no bf16 copy of the head cached on its weight; after it, the layers'
+    forwards (an instance forward set before included) and the weights are as they were."""
+    torch.manual_seed(0)
+    model = build_tiny_model(vocab_size=300).eval()
+    marker = model.model.layers[0].mlp.down_proj
+    own = marker.forward  # a wrapper set on the instance, as accelerate's hooks do
+    marker.forward = lambda x: own(x)
+    wrapper = marker.forward
+    ids = torch.randint(3, 300, (3, 40))
+    labels = ids.clone()
+    labels[:, :10] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    head = model.get_output_embeddings().weight
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=ids).logits
+        loss, n = causal_lm_loss(model, batch)
+        head.__dict__.pop("_tunelab_cast", None)
+        with packed_linears(model, torch.bfloat16):
+            assert hasattr(head, "_tunelab_packed") and "forward" in model.model.layers[1].self_attn.q_proj.__dict__
+            packed_logits = model(input_ids=ids).logits
+            packed_loss, packed_n = causal_lm_loss(model, batch)
+            assert not hasattr(head, "_tunelab_cast")  # the loss read the packed head, not a cached bf16 copy
+    torch.testing.assert_close(packed_logits, logits, rtol=1e-2, atol=1e-2)  # bf16 logits, summed in another order
+    assert packed_n == n and abs(float(packed_loss) - float(loss)) <= 1e-4 * float(loss)
+    assert marker.forward is wrapper and "forward" not in model.model.layers[1].self_attn.q_proj.__dict__
+    assert not any(hasattr(p, "_tunelab_packed") for p in model.parameters())
+
+
+@needs_packing
+def test_packed_linears_leave_training_and_fp32_alone():
+    torch.manual_seed(0)
+    model = build_tiny_model(vocab_size=300)
+    ids = torch.randint(3, 300, (2, 20))
+    with packed_linears(model, None):  # fp32 evaluation: nothing is packed
+        assert not any(hasattr(p, "_tunelab_packed") for p in model.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(input_ids=ids, labels=ids).loss
+        plain.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        with packed_linears(model, torch.bfloat16):  # with gradients the layers run as before
+            packed = model(input_ids=ids, labels=ids).loss
+            packed.backward()
+    assert torch.equal(packed, plain)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))

@@ -148,6 +148,7 @@ def run_perplexity(model, tokenizer, req: EvalRequest) -> dict:
     from tunelab.data.pipeline import read_rows, to_example
     from tunelab.data.readers import Problem
     from tunelab.train.loop import evaluate_loss
+    from tunelab.train.precision import packed_linears
 
     problems: list[Problem] = []
     cfg = load_config({"data": {"train": req.perplexity, "max_length": 2048}}).data
@@ -158,7 +159,8 @@ def run_perplexity(model, tokenizer, req: EvalRequest) -> dict:
     encoded = encode_all(examples, tokenizer, cfg)
     start = time.perf_counter()
     device = next(model.parameters()).device
-    loss = evaluate_loss(model, encoded, req.batch_size, tokenizer.pad_token_id, device, _dtype(req.precision))
+    with packed_linears(model, _dtype(req.precision)):  # bf16 on a CPU: weights in oneDNN's layout, reordered once
+        loss = evaluate_loss(model, encoded, req.batch_size, tokenizer.pad_token_id, device, _dtype(req.precision))
     return {"loss": round(loss, 6), "perplexity": round(math.exp(loss), 4), "n": len(encoded),
             "tokens": sum(e.n_trained for e in encoded), "seconds": round(time.perf_counter() - start, 2)}
 

@@ -226,18 +226,23 @@ def _chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     each 85-row chunk, the LM head and loss of 200 Alpaca rows (SmolLM2-135M, bf16 evaluation on two threads) took
     14.7 s of thread time; 12.4 s this way."""
     dtype = _compute_dtype(hidden.device.type, hidden.dtype)  # the matmul precision autocast would use
-    w = cached_cast(weight, dtype)
+    packed = getattr(weight, "_tunelab_packed", None)  # precision.packed_linears: oneDNN's layout, for inference
+    packed = packed[1] if packed is not None and packed[0] == dtype and not (want_h or want_w) else None
+    w = cached_cast(weight, dtype) if packed is None else None
     n, vocab = hidden.shape[0], weight.shape[0]
     grad_h = torch.empty_like(hidden) if want_h else None
     grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
-    logits_buffer = hidden.new_empty((min(chunk_rows, n), vocab), dtype=dtype)
+    logits_buffer = hidden.new_empty((min(chunk_rows, n), vocab), dtype=dtype) if packed is None else None
     slice_rows = max(1, min(SOFTMAX_ELEMENTS // vocab, chunk_rows, n))
     log_probs = hidden.new_empty((slice_rows, vocab), dtype=torch.float32)
     picked = hidden.new_empty(n, dtype=torch.float32)  # each row's log-probability of its target
     for start in range(0, n, chunk_rows):
         end = min(start + chunk_rows, n)
         h = hidden[start:end].to(dtype)
-        logits = torch.mm(h, w.T, out=logits_buffer[: end - start])
+        if packed is None:
+            logits = torch.mm(h, w.T, out=logits_buffer[: end - start])
+        else:
+            logits = torch.ops.mkldnn._linear_pointwise(h, packed, None, "none", [], "")
         for a in range(0, end - start, slice_rows):
             part = logits[a : a + slice_rows]
             rows = part.shape[0]
