@@ -143,3 +143,9 @@ def test_a_kernel_is_built_once_per_source(tmp_path):
     stamp = first.stat().st_mtime_ns
     assert kernels.build("attention_bf16", cache=tmp_path) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]
+
+
+def test_an_unwritable_cache_means_no_kernel(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert kernels.build("attention_bf16", cache=blocker / "kernels") is None  # its parent is a file
