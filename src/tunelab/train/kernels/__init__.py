@@ -68,9 +68,7 @@ def build(name: str, cache: Path | None = None) -> Path | None:
 @functools.cache
 def attention_bf16() -> ctypes.CDLL | None:
     """The bf16 attention kernel's library, or None where it cannot run here (see the module docstring)."""
-    from tunelab.train.precision import cpu_supports_bf16
-
-    if not enabled() or os.name != "posix" or not _cpu_has("avx512_bf16", "avx512bw", "avx512vl") or not cpu_supports_bf16():
+    if not enabled() or os.name != "posix" or not _cpu_has("avx512_bf16", "avx512bw", "avx512vl", "avx512dq"):
         return None
     path = build("attention_bf16")
     if path is None:
