@@ -24,6 +24,7 @@ import torch
 
 from tunelab.errors import TunelabError
 from tunelab.evaluate.loglik import MCItem, multiple_choice_metrics, score_items
+from tunelab.train.precision import packed_linears
 
 
 @dataclass
@@ -79,7 +80,8 @@ def run_benchmark(model, tokenizer, name: str, req: EvalRequest) -> dict:
 
     items, info = benchmark_items(name, prompt=req.prompt, fewshot=req.fewshot, limit=req.limit, seed=req.seed)
     start = time.perf_counter()
-    scores = score_items(model, tokenizer, items, batch_size=req.batch_size, dtype=_dtype(req.precision))
+    with packed_linears(model, _dtype(req.precision)):
+        scores = score_items(model, tokenizer, items, batch_size=req.batch_size, dtype=_dtype(req.precision))
     return {**multiple_choice_metrics(items, scores), **info, "seconds": round(time.perf_counter() - start, 2)}
 
 
@@ -123,7 +125,8 @@ def run_classification(model, tokenizer, req: EvalRequest) -> dict:
     elif req.classify_by == "loglik":
         contexts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p, _, _ in rows]
         items = [MCItem(c, list(labels), 0, w) for c, (_, _, w) in zip(contexts, rows)]
-        scores = score_items(model, tokenizer, items, batch_size=req.batch_size, dtype=_dtype(req.precision))
+        with packed_linears(model, _dtype(req.precision)):
+            scores = score_items(model, tokenizer, items, batch_size=req.batch_size, dtype=_dtype(req.precision))
         preds = [labels[max(range(len(labels)), key=s.__getitem__)] for s in scores]
     else:
         raise TunelabError(f"--classify-by: loglik or generate (got '{req.classify_by}')")
@@ -148,7 +151,6 @@ def run_perplexity(model, tokenizer, req: EvalRequest) -> dict:
     from tunelab.data.pipeline import read_rows, to_example
     from tunelab.data.readers import Problem
     from tunelab.train.loop import evaluate_loss
-    from tunelab.train.precision import packed_linears
 
     problems: list[Problem] = []
     cfg = load_config({"data": {"train": req.perplexity, "max_length": 2048}}).data
