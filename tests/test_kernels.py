@@ -149,3 +149,20 @@ def test_an_unwritable_cache_means_no_kernel(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert kernels.build("attention_bf16", cache=blocker / "kernels") is None  # its parent is a file
+
+
+@needs_kernel
+def test_long_unmasked_rows_go_to_the_kernel_without_gradients_and_to_sdpa_with_them(monkeypatch):
+    sdpa, fused = [], []
+    monkeypatch.setattr(attention, "UNMASKED_MAX_TOKENS", 16)
+    monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **k: sdpa.append(1) or (None, None))
+    real = kernels.attention
+    monkeypatch.setattr(kernels, "attention", lambda *a: fused.append(1) or real(*a))
+    q, k, v = (torch.randn(1, 2, 40, 64) for _ in range(3))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = short_attention_forward(_Module(), q, k, v, None)
+    assert fused == [1] and sdpa == [] and out.dtype == torch.bfloat16
+    with torch.no_grad():
+        short_attention_forward(_Module(), q, k, v, None)  # fp32: SDPA, as before
+    short_attention_forward(_Module(), q.bfloat16().requires_grad_(), k.bfloat16(), v.bfloat16(), None)  # gradients
+    assert fused == [1] and sdpa == [1, 1]

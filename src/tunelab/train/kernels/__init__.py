@@ -100,12 +100,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, c
     N key/value heads) and k, v [N, P + S, D] (P keys of a cached prefix that every query sees): the output shaped as q,
     or None where the kernel does not apply (then the caller runs its own path). With several intra-op threads the N
     heads are split between them."""
-    if q.dtype != torch.bfloat16 or k.dtype != q.dtype or v.dtype != q.dtype or q.device.type != "cpu" \
-            or q.shape[-1] not in (64, 128) or v.shape[-1] != q.shape[-1] or k.shape[1] < q.shape[2]:
+    if k.dtype != q.dtype or v.dtype != q.dtype or q.device.type != "cpu" or v.shape[-1] != q.shape[-1] \
+            or k.shape[1] < q.shape[2] or not attention_applies(q.dtype, q.shape[-1]):
         return None
     lib = attention_bf16()
-    if lib is None:
-        return None
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q)
     n, group, length, dim = q.shape
@@ -122,6 +120,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, c
         bounds = [n * i // threads for i in range(threads + 1)]
         codes = list(_pool(threads).map(run, bounds[:-1], bounds[1:]))
     return out if not any(codes) else None
+
+
+def attention_applies(dtype: torch.dtype, dim: int) -> bool:
+    """Whether `attention` takes inputs of this dtype and head size on this machine."""
+    return dtype == torch.bfloat16 and dim in (64, 128) and attention_bf16() is not None
 
 
 @functools.cache
