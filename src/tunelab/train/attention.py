@@ -21,10 +21,11 @@ accumulation (kept probabilities are those input-dtype ones); the key and value 
 autocast dtype first, as autocast casts SDPA's inputs.
 
 Without gradients, in bf16, with no mask beyond the causal one (evaluation, a prompt's prefill), a compiled kernel runs
-instead where it can be built (`kernels.attention`, AVX512-BF16 CPUs; unmasked rows of any length): scores, softmax and the weighted values in one
-pass per block of 8 query rows, at the same precision. One core, 9 query / 3 key-value heads of 64, forward, ms per call
-(`python bench/attention.py`): one 128-token row 0.23 against SDPA's 0.69, 512 tokens 2.03 against 8.17, 1024 tokens
-7.55 against 22.9, 2048 tokens 29.5 against 77.6; against the blocked path here, 300 tokens 0.74 against 2.1 and 500 tokens 1.9 against 4.6.
+instead where it can be built (`kernels.attention`, AVX512-BF16 CPUs), for unmasked rows of any length: scores,
+softmax and the weighted values in one pass per block of 8 query rows, at the same precision. One core, 9 query / 3
+key-value heads of 64, forward, ms per call (`python bench/attention.py`): one 128-token row 0.23 against SDPA's 0.69,
+512 tokens 2.03 against 8.17, 1024 tokens 7.55 against 22.9, 2048 tokens 29.5 against 77.6; against the blocked path
+here, 300 tokens 0.74 against 2.1 and 500 tokens 1.9 against 4.6.
 
 Registered with transformers as the attention implementation "tunelab_cpu"; `use_short_attention(model)` switches a
 model that runs SDPA to it and `restore_attention(model, previous)` switches it back.
@@ -163,7 +164,8 @@ def short_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     """transformers' attention-function signature: query [B, H, S, D], key/value [B, H_kv, S, D] -> ([B, S, H, D], None)."""
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
-    if (query.device.type != "cpu" or (attention_mask is None and length > UNMASKED_MAX_TOKENS and not _fused(query, key, value))
+    long_row = attention_mask is None and length > UNMASKED_MAX_TOKENS and not _fused(query, key, value)
+    if (query.device.type != "cpu" or long_row
             or key.shape[2] < length or (length == 1 and key.shape[2] > 1) or dropout > 0.0
             or heads % kv_heads or value.shape[-1] != dim or torch.compiler.is_compiling()
             or any(kwargs.get(name) is not None for name in ("softcap", "sliding_window", "s_aux", "position_bias", "cache"))

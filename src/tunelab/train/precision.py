@@ -168,7 +168,8 @@ PACK_ROWS = 256  # the rows oneDNN is told to expect when it picks a weight's bl
 def can_pack_weights() -> bool:
     """Whether this torch has oneDNN's prepacked linear ops (x86 and Arm builds with mkldnn)."""
     mkldnn = getattr(torch.ops, "mkldnn", None)
-    return torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_reorder_linear_weight") and hasattr(mkldnn, "_linear_pointwise")
+    ops = ("_reorder_linear_weight", "_linear_pointwise")
+    return torch.backends.mkldnn.is_available() and all(hasattr(mkldnn, op) for op in ops)
 
 
 @contextlib.contextmanager
@@ -210,7 +211,8 @@ def packed_linears(model: torch.nn.Module, dtype: torch.dtype | None):
             del weight._tunelab_packed
 
 
-def _packed_forward(original, packed: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, x: torch.Tensor) -> torch.Tensor:
+def _packed_forward(original, packed: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                    x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() or x.device.type != "cpu":
         return original(x)
     if x.dtype != dtype and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == dtype:
