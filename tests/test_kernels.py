@@ -184,3 +184,24 @@ def test_attention_kernel_on_random_shapes():
             blocked = attention._BlockedAttention.apply(q, k, v, None, dim**-0.5, causal, n)
         err, blocked_err = (mine.double() - exact).abs().max(), (blocked.double() - exact).abs().max()
         assert err <= 1.5 * blocked_err + 1e-3, (n, group, length, prefix, dim, causal, float(err), float(blocked_err))
+
+
+@needs_kernel
+def test_a_forked_process_splits_heads_in_a_pool_of_its_own():
+    import multiprocessing
+
+    q, k, v = _inputs(4, 3, 20, 20, 64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = kernels.attention(q, k, v, 0.125, True)  # the parent's pool exists now
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            child = pool.apply_async(_attend_with_two_threads, (q, k, v)).get(timeout=60)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(child, expected)
+
+
+def _attend_with_two_threads(q, k, v):
+    torch.set_num_threads(2)
+    return kernels.attention(q, k, v, 0.125, True)

@@ -118,7 +118,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, c
         codes = [run(0, n)]
     else:
         bounds = [n * i // threads for i in range(threads + 1)]
-        codes = list(_pool(threads).map(run, bounds[:-1], bounds[1:]))
+        codes = list(_pool(threads, os.getpid()).map(run, bounds[:-1], bounds[1:]))
     return out if not any(codes) else None
 
 
@@ -128,5 +128,6 @@ def attention_applies(dtype: torch.dtype, dim: int) -> bool:
 
 
 @functools.cache
-def _pool(threads: int) -> ThreadPoolExecutor:
+def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
+    """One pool per process: a forked child gets a pool of its own (the parent's threads do not survive the fork)."""
     return ThreadPoolExecutor(threads, thread_name_prefix="tunelab-kernel")
