@@ -26,14 +26,22 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cpu_supports_bf16() -> bool:
-    """True on CPUs with native bf16 matmul (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this machine's CPU (/proc/cpuinfo; empty where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        pass
+    return frozenset()
+
+
+def cpu_supports_bf16() -> bool:
+    """True on CPUs with native bf16 matmul (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def pick_precision(name: str, device: torch.device, cpu_bf16: bool | None = None) -> torch.dtype | None:

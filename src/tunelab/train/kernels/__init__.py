@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from tunelab.train.precision import cpu_flags
+
 HERE = Path(__file__).resolve().parent
 FLAGS = ("-O3", "-std=c11", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",
          "-fno-math-errno")
@@ -68,7 +70,7 @@ def build(name: str, cache: Path | None = None) -> Path | None:
 @functools.cache
 def attention_bf16() -> ctypes.CDLL | None:
     """The bf16 attention kernel's library, or None where it cannot run here (see the module docstring)."""
-    if not enabled() or os.name != "posix" or not _cpu_has("avx512_bf16", "avx512bw", "avx512vl", "avx512dq"):
+    if not enabled() or os.name != "posix" or not {"avx512_bf16", "avx512bw", "avx512vl", "avx512dq"} <= cpu_flags():
         return None
     path = build("attention_bf16")
     if path is None:
@@ -81,18 +83,6 @@ def attention_bf16() -> ctypes.CDLL | None:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int, ctypes.c_float]
     return lib
-
-
-def _cpu_has(*flags: str) -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return all(flag in have for flag in flags)
-    except OSError:
-        pass
-    return False
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor | None:
